@@ -1,0 +1,211 @@
+"""YAML -> typed dataclasses, with `section.key=value` command-line overrides.
+
+Composition rule (one rule, used everywhere): wherever a mapping is expected, a
+string is read as the path of a YAML file holding that mapping, relative to the
+file that names it (or to the working directory on the command line).  So
+`model: ../model/llama3_8b.yaml` in a run config and `model=configs/model/llama3_70b.yaml`
+on the command line both swap the whole model section.  A top-level `base:`
+key names a run config to start from; the file's own keys are merged on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
+
+import yaml
+
+from megatron_omni.config.schema import RunConfig
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message is one line naming the fix."""
+
+
+def _read_yaml(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}".replace("\n", " ")) from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml_tree(path: str) -> Dict[str, Any]:
+    """Read a run config, resolving `base:` and section-file references."""
+    data = _read_yaml(path)
+    here = os.path.dirname(os.path.abspath(path))
+    base = data.pop("base", None)
+    if base is not None:
+        data = _deep_merge(load_yaml_tree(os.path.join(here, base)), data)
+    return _resolve_section_files(data, here, RunConfig)
+
+
+def _resolve_section_files(data: Dict[str, Any], here: str, cls: type) -> Dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for k, v in data.items():
+        ftype = _unwrap_optional(hints.get(k))
+        if dataclasses.is_dataclass(ftype) and isinstance(v, str):
+            sub_path = os.path.join(here, v)
+            sub = _read_yaml(sub_path)
+            v = _resolve_section_files(sub, os.path.dirname(os.path.abspath(sub_path)), ftype)
+        elif dataclasses.is_dataclass(ftype) and isinstance(v, dict):
+            v = _resolve_section_files(v, here, ftype)
+        out[k] = v
+    return out
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one YAML value to the field's declared type."""
+    if value is None:
+        if _is_optional(tp):
+            return None
+        raise ConfigError(f"{where}: null is not allowed here (expected {getattr(tp, '__name__', tp)})")
+    tp = _unwrap_optional(tp)
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (list, List, Sequence):
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: Type[T], data: Dict[str, Any], where: str = "") -> T:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in hints or key not in names:
+            raise ConfigError(_unknown_key_message(path, key, names))
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _unknown_key_message(path: str, key: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+    return f"unknown config key '{path}'{hint}"
+
+
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    """'train.steps=5' -> (['train', 'steps'], 5); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{text}': empty key component")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})".replace("\n", " ")) from e
+    return parts, value
+
+
+def apply_override(tree: Dict[str, Any], parts: List[str], value: Any, cls: type) -> None:
+    """Set a dotted key in the raw tree, validating each component against the schema."""
+    node, node_cls, where = tree, cls, ""
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(node_cls)
+        names = [f.name for f in dataclasses.fields(node_cls)]
+        where = f"{where}.{part}" if where else part
+        if part not in names:
+            raise ConfigError(_unknown_key_message(where, part, names))
+        ftype = _unwrap_optional(hints[part])
+        last = i == len(parts) - 1
+        if last:
+            if dataclasses.is_dataclass(ftype) and isinstance(value, str):
+                sub = _read_yaml(value)
+                value = _resolve_section_files(sub, os.path.dirname(os.path.abspath(value)), ftype)
+            node[part] = value
+            return
+        if not dataclasses.is_dataclass(ftype):
+            raise ConfigError(f"'{where}' is a value, not a section; cannot set '{'.'.join(parts)}'")
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node, node_cls = child, ftype
+
+
+def load_config(path: Optional[str], overrides: Sequence[str] = ()):
+    """The one way a run's configuration is built: file, then overrides, then types."""
+    tree = load_yaml_tree(path) if path else {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(tree, parts, value, RunConfig)
+    return from_dict(RunConfig, tree)
+
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,153 @@
+"""Typed configuration of a megatron-omni run.
+
+One YAML file fills one `RunConfig`; every section is a dataclass so that a
+typo is an error, not a silently ignored key.  Field names follow megatron-core
+(`TransformerConfig`, `OptimizerConfig`) wherever megatron has a name for the
+same thing, so users coming from Megatron-LM recognise them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-3 family decoder, built as megatron-core `GPTModel`.
+
+    Defaults are Llama-3.1-8B's architecture (HF `config.json` names in comments).
+    """
+
+    num_layers: int = 32  # num_hidden_layers
+    hidden_size: int = 4096
+    ffn_hidden_size: int = 14336  # intermediate_size (SwiGLU inner width)
+    num_attention_heads: int = 32
+    num_query_groups: int = 8  # num_key_value_heads (GQA)
+    kv_channels: Optional[int] = None  # head_dim; None = hidden_size / num_attention_heads
+    vocab_size: int = 128256  # true vocabulary; padded for TP by make_vocab_size_divisible_by
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 131072
+    rotary_base: float = 500000.0  # rope_theta
+    # Llama-3.1 "llama3" RoPE frequency scaling (HF rope_scaling.rope_type == "llama3").
+    rope_scaling: bool = True
+    rope_scaling_factor: float = 8.0
+    norm_epsilon: float = 1e-5  # rms_norm_eps
+    tie_word_embeddings: bool = False
+    init_method_std: float = 0.02  # initializer_range
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    # Which kernels build the layers: "auto" = Transformer Engine when importable, else local.
+    transformer_impl: str = "auto"  # auto | transformer_engine | local
+    # FP8 (Transformer Engine only): None | "hybrid" (E4M3 fwd, E5M2 bwd) | "e4m3".
+    fp8: Optional[str] = None
+    fp8_recipe: str = "delayed"  # delayed | tensorwise (current scaling) | mxfp8 | blockwise
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    recompute_granularity: Optional[str] = None  # None | full | selective
+    recompute_method: Optional[str] = None  # uniform | block (with full)
+    recompute_num_layers: Optional[int] = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """Vocabulary rounded up to a multiple of make_vocab_size_divisible_by * tp (Megatron-LM's
+        `_vocab_size_with_padding`): the width of the embedding/output layer that really runs."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor model parallel size
+    pp: int = 1  # pipeline model parallel size
+    vpp: Optional[int] = None  # virtual pipeline chunks per pipeline rank (interleaved 1F1B)
+    cp: int = 1  # context parallel size
+    ep: int = 1  # expert model parallel size
+    sequence_parallel: bool = False  # only meaningful with tp > 1
+    use_distributed_optimizer: bool = True  # ZeRO-1 style sharded optimizer state over DP
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    # Decoder layers on the first / last pipeline stage when the split is uneven (None = even).
+    first_stage_num_layers: Optional[int] = None
+    last_stage_num_layers: Optional[int] = None
+    # "auto": nccl with GPUs, gloo (with CUDA emulated on CPU) without.
+    backend: str = "auto"  # auto | nccl | gloo
+    distributed_timeout_minutes: int = 10
+
+
+@dataclass
+class OptimizerConfig:
+    optimizer: str = "adam"  # AdamW-style decoupled weight decay (megatron's "adam")
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_steps: int = 0
+    lr_decay_steps: Optional[int] = None  # None = train.steps
+    lr_decay_style: str = "cosine"  # constant | linear | cosine | inverse-square-root | WSD
+    start_weight_decay: Optional[float] = None
+    end_weight_decay: Optional[float] = None
+    weight_decay_incr_style: str = "constant"
+
+
+@dataclass
+class DataSource:
+    """One corpus in a blend: a megatron indexed-dataset prefix, or a JSONL/text
+    file that is tokenized into one on first use (cached under data.cache_dir)."""
+
+    path: str = ""
+    weight: float = 1.0
+    text_key: str = "text"  # JSON field holding the document text
+
+
+@dataclass
+class DataConfig:
+    blend: List[DataSource] = field(default_factory=list)
+    tokenizer_type: str = "sentencepiece"  # sentencepiece | huggingface | null
+    tokenizer_model: Optional[str] = None  # .model file or HF tokenizer folder
+    seq_length: int = 2048
+    split: str = "98,2,0"  # train, valid, test percentages
+    cache_dir: Optional[str] = None  # None = <train.output_dir>/data_cache
+    num_workers: int = 0
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seed: int = 1234
+    output_dir: str = "runs/default"
+    save_interval: Optional[int] = None  # steps between checkpoints (None = only at the end)
+    exit_interval: Optional[int] = None  # stop after this step, with a checkpoint
+    load: Optional[str] = None  # checkpoints folder to resume from (latest one in it)
+    finetune: bool = False  # load weights only: fresh optimizer, scheduler, step and data position
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    log_interval: int = 1
+    eval_interval: Optional[int] = None
+    eval_iters: int = 2
+    tensorboard: bool = True
+    deterministic: bool = False  # bitwise-reproducible kernels on GPU (slower)
+    ckpt_format: str = "torch_dist"  # megatron distributed-checkpoint backend
+    # Distributed-optimizer state layout in checkpoints: "fully_reshardable" loads at any
+    # TP/PP/DP (gathers over DP at save); "dp_reshardable" is faster but reshards over DP only.
+    ckpt_optimizer_sharding: str = "fully_reshardable"
+    keep_last_checkpoints: Optional[int] = None  # None = keep all
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

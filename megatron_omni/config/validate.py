@@ -1,0 +1,106 @@
+"""Cross-field checks that megatron would otherwise report deep inside a stack trace."""
+
+from __future__ import annotations
+
+from megatron_omni.config.loader import ConfigError
+from megatron_omni.config.schema import RunConfig
+
+_CHOICES = {
+    "model.transformer_impl": ("auto", "transformer_engine", "local"),
+    "model.fp8": (None, "hybrid", "e4m3"),
+    "model.fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
+    "model.recompute_granularity": (None, "full", "selective"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "optimizer.optimizer": ("adam", "sgd"),
+    "optimizer.lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
+    "train.ckpt_format": ("torch_dist",),
+    "train.ckpt_optimizer_sharding": ("fully_reshardable", "dp_reshardable"),
+    "data.tokenizer_type": ("sentencepiece", "huggingface", "null"),
+}
+
+
+def _get(cfg: RunConfig, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
+    p = cfg.parallel
+    return world_size // (p.tp * p.pp * p.cp)
+
+
+def validate(cfg: RunConfig, world_size: int) -> None:
+    """Raise ConfigError (one line, naming the fix) on the first inconsistency."""
+    for dotted, choices in _CHOICES.items():
+        if _get(cfg, dotted) not in choices:
+            raise ConfigError(f"{dotted}={_get(cfg, dotted)!r} is not one of {list(choices)}")
+
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    for name in ("tp", "pp", "cp", "ep"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    if m.num_attention_heads % p.tp:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}"
+        )
+    if m.num_query_groups % p.tp:
+        raise ConfigError(f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tp={p.tp}")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not a multiple of "
+            f"model.num_query_groups={m.num_query_groups}"
+        )
+    if m.ffn_hidden_size % p.tp:
+        raise ConfigError(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tp={p.tp}")
+
+    # Layers per pipeline stage (uneven first/last stage allowed, megatron-style).
+    middle_layers = m.num_layers - (p.first_stage_num_layers or 0) - (p.last_stage_num_layers or 0)
+    middle_stages = p.pp - (p.first_stage_num_layers is not None) - (p.last_stage_num_layers is not None)
+    if middle_layers < 0 or (middle_stages > 0 and middle_layers % middle_stages) or (
+        middle_stages == 0 and middle_layers
+    ):
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} cannot be split over parallel.pp={p.pp} stages "
+            f"(first={p.first_stage_num_layers}, last={p.last_stage_num_layers})"
+        )
+    if p.vpp is not None:
+        if p.pp < 2:
+            raise ConfigError("parallel.vpp needs parallel.pp >= 2 (virtual stages interleave pipeline ranks)")
+        if p.first_stage_num_layers is not None or p.last_stage_num_layers is not None:
+            raise ConfigError("parallel.vpp with an uneven first/last stage is not supported; drop one of them")
+        if m.num_layers % (p.pp * p.vpp):
+            raise ConfigError(
+                f"model.num_layers={m.num_layers} is not divisible by parallel.pp*parallel.vpp={p.pp * p.vpp}"
+            )
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tp*pp*cp={p.tp}*{p.pp}*{p.cp}={model_parallel}; "
+            f"launch a multiple of {model_parallel} processes"
+        )
+    dp = world_size // model_parallel
+    if (dp * p.cp) % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} must divide dp*cp={dp * p.cp}")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size*dp={t.micro_batch_size}*{dp}={t.micro_batch_size * dp}"
+        )
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    if p.vpp is not None and num_micro % p.pp:
+        raise ConfigError(
+            f"interleaved pipeline needs the number of microbatches ({num_micro}) to be a multiple of "
+            f"parallel.pp={p.pp}; change train.global_batch_size"
+        )
+    if t.steps < 1:
+        raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
+    if cfg.data.seq_length % max(1, 2 * p.cp) and p.cp > 1:
+        raise ConfigError(f"data.seq_length={cfg.data.seq_length} must be divisible by 2*parallel.cp={2 * p.cp}")
+    if m.fp8 is not None and m.transformer_impl == "local":
+        raise ConfigError("model.fp8 needs model.transformer_impl=transformer_engine (or auto with TE installed)")
+    if not cfg.data.blend:
+        raise ConfigError("data.blend is empty: name at least one data source (path: ..., weight: ...)")

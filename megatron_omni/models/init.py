@@ -1,0 +1,85 @@
+"""Layout-invariant weight initialisation.
+
+megatron initialises each rank's shard from RNG streams that depend on the TP/PP
+layout, so a TP2xPP2 run and a single-rank run with the same seed start from
+different weights.  Here every parameter is drawn as the *full, unsharded* tensor
+from a generator seeded by (seed, global parameter name) and the rank keeps its TP
+slice: the same seed gives bit-identical weights at every TP/PP/VPP layout, which
+is what makes "parallel run == single-rank run" testable, and reproducible for users.
+
+The distributions are megatron's defaults for GPT: N(0, std) for embeddings, QKV,
+fc1 and the output layer; N(0, std/sqrt(2L)) for the residual projections
+(linear_proj, linear_fc2); ones for RMSNorm weights.  Rows of the vocabulary
+padding start at zero so they do not depend on the (TP-dependent) amount of padding.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from typing import Iterable, Iterator, Tuple
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_omni.config.schema import ModelConfig
+
+_RESIDUAL_OUTPUTS = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+_VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def global_named_parameters(chunk: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Parameter]]:
+    """named_parameters() with pipeline-local layer indices replaced by global ones."""
+    layers = getattr(getattr(chunk, "decoder", None), "layers", [])
+    local_to_global = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(layers)}
+    for name, param in chunk.named_parameters():
+        m = re.match(r"(.*decoder\.layers\.)(\d+)(\..*)", name)
+        if m:
+            name = m.group(1) + local_to_global[m.group(2)] + m.group(3)
+        yield name, param
+
+
+def _full_shape(param: torch.nn.Parameter, tp: int) -> Tuple[int, ...]:
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= tp
+    return tuple(shape)
+
+
+def _tp_slice(full: torch.Tensor, param: torch.nn.Parameter, name: str, tp: int, rank: int,
+              gated_fc1: bool) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False) or tp == 1:
+        return full
+    dim = param.partition_dim
+    if gated_fc1 and name.endswith("mlp.linear_fc1.weight"):
+        # fc1 is [gate; up]; each TP rank holds [gate_r; up_r].
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
+    return full.chunk(tp, dim=dim)[rank]
+
+
+@torch.no_grad()
+def init_weights_layout_invariant(chunks: Iterable[torch.nn.Module], model: ModelConfig, seed: int) -> None:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    residual_std = model.init_method_std / math.sqrt(2.0 * model.num_layers)
+    for chunk in chunks:
+        for name, param in global_named_parameters(chunk):
+            full_shape = _full_shape(param, tp)
+            if name.endswith("layernorm.weight") or name.endswith("final_layernorm.weight"):
+                param.fill_(1.0)
+                continue
+            if param.dim() < 2:
+                raise RuntimeError(f"no initialisation rule for parameter {name} {tuple(param.shape)}")
+            std = residual_std if name.endswith(_RESIDUAL_OUTPUTS) else model.init_method_std
+            # A tied output layer (last stage copy with PP > 1) starts as the embedding.
+            seed_name = _VOCAB_PARAMS[0] if model.tie_word_embeddings and name.endswith(_VOCAB_PARAMS) else name
+            gen = torch.Generator(device=param.device)
+            gen.manual_seed(zlib.crc32(f"{seed}:{seed_name}".encode()))
+            rows = full_shape[0]
+            if name.endswith(_VOCAB_PARAMS):
+                rows = model.vocab_size  # padding rows stay zero
+            full = torch.zeros(full_shape, dtype=torch.float32, device=param.device)
+            full[:rows].normal_(0.0, std, generator=gen)
+            param.copy_(_tp_slice(full, param, name, tp, rank, gated_fc1=True))

@@ -1,0 +1,195 @@
+"""Run megatron-core's CUDA-only code paths on the CPU (tests and demos without a GPU).
+
+megatron-core allocates with `device=torch.cuda.current_device()`, moves tensors with
+`.cuda()`, checks `param.type() == 'torch.cuda.FloatTensor'`, and forks CUDA RNG states
+for tensor-parallel dropout/init.  None of that needs a GPU to be *correct*; it only
+needs the CUDA spellings to resolve to the CPU.  This module redirects exactly those
+spellings and nothing else, so the model, optimizer, schedules and DDP are the real
+megatron-core code running over a gloo process group.
+
+It is test/smoke infrastructure: production code never asks whether it is active.
+`enable()` is idempotent and process-wide (it must be, since megatron's own modules
+read `torch.cuda.*` at call time); `disable()` restores everything (used by tests).
+
+What is redirected, and why:
+  (a) a TorchFunctionMode rewrites `device='cuda'`/`cuda:N`/int device arguments to
+      cpu and makes `Tensor.cuda()` the identity;
+  (b) `torch.cuda.current_device()` returns the cpu device, so `device=current_device()`
+      lands on the CPU without further rewriting;
+  (c) CUDA RNG get/set/seed (torch.cuda.* and megatron's tensor-parallel tracker
+      helpers) act on the CPU default generator, so `get_cuda_rng_tracker().fork()`
+      still gives each TP rank its own dropout/init stream;
+  (d) `Tensor.type()` reports `torch.cuda.*` names (megatron's optimizer and
+      grad-clipping assert on them);
+  (e) streams, events, synchronize and memory queries become no-ops / zeros;
+  (f) `moe_utils.te_general_gemm` is defined as None (megatron 0.16 leaves it undefined
+      when Transformer Engine is missing, a NameError in the MoE router).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any, Callable, Dict, List, Tuple
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+_CPU = torch.device("cpu")
+_lock = threading.Lock()
+_state: Dict[str, Any] = {"mode": None, "saved": []}
+
+
+def _is_cuda_device(dev: Any) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    # Bare ints mean "cuda:N" to torch factory functions.
+    return isinstance(dev, int) and not isinstance(dev, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments of every torch call to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # (d): megatron compares these names; report the CUDA spelling.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        dev = kwargs.get("device")
+        if dev is not None and _is_cuda_device(dev):
+            kwargs["device"] = _CPU
+        if func in (torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros) and args:
+            args = tuple(_CPU if i > 0 and _is_cuda_device(a) and not isinstance(a, int) else a
+                         for i, a in enumerate(args))
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream / Event: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NullStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _cpu_get_rng_state(*args, **kwargs) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, *args, **kwargs) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed: int, *args, **kwargs) -> None:
+    # Not torch.manual_seed: that calls torch.cuda.manual_seed_all, i.e. back into us.
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _patches() -> List[Tuple[Any, str, Any]]:
+    """(object, attribute, replacement) for every redirected spelling."""
+    import megatron.core.tensor_parallel.random as mcore_random
+
+    null = lambda *a, **k: None  # noqa: E731
+    patches: List[Tuple[Any, str, Any]] = [
+        (torch.cuda, "current_device", lambda: _CPU),
+        (torch.cuda, "set_device", null),
+        (torch.cuda, "device_count", lambda: 1),
+        (torch.cuda, "synchronize", null),
+        (torch.cuda, "empty_cache", null),
+        (torch.cuda, "Stream", _NullStream),
+        (torch.cuda, "Event", _NullStream),
+        (torch.cuda, "current_stream", lambda *a, **k: _NullStream()),
+        (torch.cuda, "default_stream", lambda *a, **k: _NullStream()),
+        (torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext()),
+        (torch.cuda, "memory_allocated", lambda *a, **k: 0),
+        (torch.cuda, "memory_reserved", lambda *a, **k: 0),
+        (torch.cuda, "max_memory_allocated", lambda *a, **k: 0),
+        (torch.cuda, "get_rng_state", _cpu_get_rng_state),
+        (torch.cuda, "set_rng_state", _cpu_set_rng_state),
+        (torch.cuda, "manual_seed", _cpu_manual_seed),
+        (torch.cuda.random, "get_rng_state", _cpu_get_rng_state),
+        (torch.cuda.random, "set_rng_state", _cpu_set_rng_state),
+        (mcore_random, "_get_cuda_rng_state", _cpu_get_rng_state),
+        (mcore_random, "_set_cuda_rng_state", _cpu_set_rng_state),
+    ]
+    try:  # (f) megatron 0.16 NameError without Transformer Engine
+        import megatron.core.transformer.moe.moe_utils as moe_utils
+
+        if not hasattr(moe_utils, "te_general_gemm"):
+            patches.append((moe_utils, "te_general_gemm", None))
+    except ImportError:
+        pass
+    return patches
+
+
+_MISSING = object()
+
+
+def enable() -> None:
+    """Redirect CUDA spellings to the CPU for the rest of the process (idempotent)."""
+    with _lock:
+        if _state["mode"] is not None:
+            return
+        if torch.cuda.is_available():
+            raise RuntimeError("CPU emulation of CUDA requested on a machine with a GPU; use the GPU")
+        saved = []
+        for obj, name, repl in _patches():
+            saved.append((obj, name, getattr(obj, name, _MISSING)))
+            setattr(obj, name, repl)
+        mode = _CudaToCpuMode()
+        mode.__enter__()
+        _state.update(mode=mode, saved=saved)
+    log.info("CUDA emulated on CPU: megatron-core runs its CUDA code paths over gloo on the CPU")
+
+
+def disable() -> None:
+    """Undo `enable()` (tests)."""
+    with _lock:
+        mode = _state["mode"]
+        if mode is None:
+            return
+        mode.__exit__(None, None, None)
+        for obj, name, old in reversed(_state["saved"]):
+            if old is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+        _state.update(mode=None, saved=[])
+
+
+def is_enabled() -> bool:
+    return _state["mode"] is not None

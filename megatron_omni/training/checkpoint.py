@@ -1,0 +1,198 @@
+"""Sharded checkpoints with megatron-core dist_checkpointing (torch_dist backend).
+
+Layout, as in Megatron-LM so its users' tooling applies:
+    <root>/iter_0000050/                 one checkpoint (written by every rank, read at any layout)
+    <root>/latest_checkpointed_iteration.txt
+
+What is saved: model and optimizer as ShardedTensors in *model space* (so a
+checkpoint written at TP2xPP2 loads at TP1xPP1 and back), the LR scheduler, the
+step and data position (common state), and every rank's RNG states (a
+ShardedObject indexed by (pp, tp, dp) rank; restored only when the layout is
+unchanged, since RNG streams have no meaning across layouts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy,
+    get_default_save_sharded_strategy,
+)
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper,
+    FullyParallelSaveStrategyWrapper,
+)
+
+from megatron_omni.training.setup import TrainState
+
+log = logging.getLogger(__name__)
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+
+
+def checkpoint_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"iter_{step:07d}")
+
+
+def latest_step(root: str) -> Optional[int]:
+    """Step recorded in the tracker file, or None when `root` holds no checkpoint."""
+    tracker = os.path.join(root, TRACKER_FILE)
+    if not os.path.isfile(tracker):
+        return None
+    text = open(tracker).read().strip()
+    if not text.isdigit():
+        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def _layout() -> Dict[str, int]:
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(with_context_parallel=True),
+        "vpp": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
+    }
+
+
+def _rng_object() -> ShardedObject:
+    """This rank's RNG states (python, numpy, torch, megatron's TP tracker)."""
+    states = {
+        "random": random.getstate(),
+        "np": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
+    dp = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    lay = _layout()
+    return ShardedObject("rng_state", states, (lay["pp"], lay["tp"], lay["dp"]), (pp, tp, dp), replica_id=0)
+
+
+def _restore_rng(states: Dict[str, Any]) -> None:
+    random.setstate(states["random"])
+    np.random.set_state(states["np"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
+
+
+def _sharded_state_dict(state: TrainState, *, is_loading: bool, with_optimizer: bool,
+                        with_rng: bool, optimizer_sharding: str) -> Dict[str, Any]:
+    metadata = {"distrib_optim_sharding_type": optimizer_sharding}
+    sd: Dict[str, Any] = {}
+    if len(state.model) == 1:
+        sd["model"] = state.model[0].sharded_state_dict(metadata=metadata)
+    else:
+        for i, chunk in enumerate(state.model):
+            sd[f"model{i}"] = chunk.sharded_state_dict(metadata=metadata)
+    if with_optimizer:
+        sd["optimizer"] = state.optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=metadata)
+        sd["scheduler"] = state.scheduler.state_dict()
+        sd["train_state"] = {"step": state.step, "consumed_samples": state.consumed_samples}
+    if with_rng:
+        sd["rng_state"] = _rng_object()
+    sd["layout"] = _layout()
+    return sd
+
+
+def save_checkpoint(state: TrainState, root: str, extra: Optional[Dict[str, Any]] = None,
+                    keep_last: Optional[int] = None, optimizer_sharding: str = "fully_reshardable") -> str:
+    """Write `root/iter_<step>` from every rank, then point the tracker file at it."""
+    path = checkpoint_dir(root, state.step)
+    if dist.get_rank() == 0:
+        if os.path.isdir(path):  # a crashed earlier save of the same step: start clean
+            shutil.rmtree(path)
+        os.makedirs(path, exist_ok=True)
+    dist.barrier()
+    sd = _sharded_state_dict(state, is_loading=False, with_optimizer=True, with_rng=True,
+                             optimizer_sharding=optimizer_sharding)
+    sd["optimizer_sharding"] = optimizer_sharding
+    if extra:
+        sd["extra"] = extra
+    strategy = FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy("torch_dist"),
+        parallel_state.get_data_parallel_group(with_context_parallel=True),
+    )
+    dist_checkpointing.save(sd, path, sharded_strategy=strategy)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        # The tracker is written last, atomically: a crash mid-save leaves the previous one in force.
+        tmp = os.path.join(root, TRACKER_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(str(state.step))
+        os.replace(tmp, os.path.join(root, TRACKER_FILE))
+        if keep_last:
+            _prune(root, keep_last)
+    dist.barrier()
+    return path
+
+
+def _prune(root: str, keep_last: int) -> None:
+    steps = sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit())
+    for step in steps[:-keep_last]:
+        shutil.rmtree(checkpoint_dir(root, step), ignore_errors=True)
+
+
+def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> Dict[str, Any]:
+    """Resume from the latest checkpoint in `root` (or from `root` itself if it is an iter_ folder).
+
+    finetune=True loads weights only (fresh optimizer, scheduler, step and data position).
+    Returns the checkpoint's `extra` dict (data-loader and balancer states of later stages).
+    """
+    if os.path.basename(os.path.normpath(root)).startswith("iter_"):
+        path = root
+    else:
+        step = latest_step(root)
+        if step is None:
+            raise FileNotFoundError(
+                f"train.load={root}: no {TRACKER_FILE} there; point it at a checkpoints folder "
+                "written by megatron_omni.train (or at one iter_XXXXXXX folder inside it)"
+            )
+        path = checkpoint_dir(root, step)
+    common = dist_checkpointing.load_common_state_dict(path)
+    same_layout = common.get("layout") == _layout()
+    with_optimizer = not finetune and "optimizer" in _ckpt_keys(common)
+    sd = _sharded_state_dict(state, is_loading=True, with_optimizer=with_optimizer,
+                             with_rng=with_optimizer and same_layout,
+                             optimizer_sharding=common.get("optimizer_sharding", "fully_reshardable"))
+    if "extra" in common:
+        sd["extra"] = common["extra"]
+    strategy = FullyParallelLoadStrategyWrapper(
+        get_default_load_sharded_strategy(path),
+        parallel_state.get_data_parallel_group(with_context_parallel=True),
+    )
+    loaded = dist_checkpointing.load(sd, path, sharded_strategy=strategy)
+    if len(state.model) == 1:
+        state.model[0].load_state_dict(loaded["model"], strict=True)
+    else:
+        for i, chunk in enumerate(state.model):
+            chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+    if with_optimizer:
+        state.optimizer.load_state_dict(loaded["optimizer"])
+        state.scheduler.load_state_dict(loaded["scheduler"])
+        state.step = loaded["train_state"]["step"]
+        state.consumed_samples = loaded["train_state"]["consumed_samples"]
+        if same_layout:
+            _restore_rng(loaded["rng_state"])
+    log.info(
+        "loaded %s (%s; layout %s -> %s)", path, "weights only" if not with_optimizer else f"step {state.step}",
+        common.get("layout"), _layout(),
+    )
+    return loaded.get("extra", {}) or {}
+
+
+def _ckpt_keys(common: Dict[str, Any]):
+    # Common state holds the non-sharded parts; the optimizer always brings its param_groups there.
+    return set(common.keys())

@@ -1,0 +1,158 @@
+"""The pretraining loop: build, (resume,) step, log, checkpoint, stop on schedule or SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_omni.config import RunConfig, data_parallel_size, dump_config, validate
+from megatron_omni.models.init import init_weights_layout_invariant
+from megatron_omni.models.llama import build_llama_chunks
+from megatron_omni.parallel.initialize import initialize_distributed, set_random_seeds
+from megatron_omni.training import flops
+from megatron_omni.training.checkpoint import load_checkpoint, save_checkpoint
+from megatron_omni.training.metrics import MetricsWriter, progress_line
+from megatron_omni.training.preemption import PreemptionHandler
+from megatron_omni.training.setup import (
+    ParamGroupHook,
+    TrainState,
+    attach_schedule_hooks,
+    build_optimizer,
+    params_dtype,
+    wrap_ddp,
+)
+from megatron_omni.training.step import gpt_forward_step, reduce_losses, train_step
+from megatron_omni.training.text_data import build_text_data, chunk_iterators
+
+log = logging.getLogger("megatron_omni.train")
+
+
+def checkpoints_root(cfg: RunConfig) -> str:
+    return os.path.join(cfg.train.output_dir, "checkpoints")
+
+
+def build_train_state(cfg: RunConfig, param_group_hook: Optional[ParamGroupHook] = None) -> TrainState:
+    """Parallel groups, model, DDP, optimizer and scheduler for `cfg` (no data, no resume)."""
+    initialize_distributed(cfg.parallel)
+    validate(cfg, dist.get_world_size())
+    set_random_seeds(cfg.train.seed)
+    dtype = params_dtype(cfg.train.precision)
+    chunks = build_llama_chunks(cfg.model, cfg.parallel, seq_length=cfg.data.seq_length, params_dtype=dtype)
+    init_weights_layout_invariant(chunks, cfg.model, cfg.train.seed)
+    model = wrap_ddp(cfg, chunks, dtype)
+    optimizer, scheduler = build_optimizer(cfg, model, dtype, param_group_hook)
+    attach_schedule_hooks(model, optimizer)
+    return TrainState(model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def num_microbatches(cfg: RunConfig) -> int:
+    dp = data_parallel_size(cfg, dist.get_world_size())
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+
+
+@torch.no_grad()
+def evaluate(cfg: RunConfig, state: TrainState, dataset, forward_step_func=gpt_forward_step) -> float:
+    """Mean token loss over the first eval_iters global batches of the validation split."""
+    for chunk in state.model:
+        chunk.eval()
+    iterators = chunk_iterators(cfg, dataset, len(state.model), consumed_samples=0)
+    forward_backward = get_forward_backward_func()
+    total = 0
+    summed = torch.zeros(2, dtype=torch.float64)
+    for _ in range(cfg.train.eval_iters):
+        losses = forward_backward(
+            forward_step_func=forward_step_func,
+            data_iterator=iterators if len(state.model) > 1 else iterators[0],
+            model=state.model if len(state.model) > 1 else state.model[0],
+            num_microbatches=num_microbatches(cfg),
+            seq_length=cfg.data.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size,
+            forward_only=True,
+        )
+        summed += reduce_losses(losses).cpu()
+        total += 1
+    for chunk in state.model:
+        chunk.train()
+    return (summed[0] / summed[1].clamp(min=1)).item()
+
+
+def pretrain(
+    cfg: RunConfig,
+    *,
+    forward_step_func: Callable = gpt_forward_step,
+    param_group_hook: Optional[ParamGroupHook] = None,
+) -> TrainState:
+    state = build_train_state(cfg, param_group_hook)
+    t = cfg.train
+    is_logger = dist.get_rank() == 0
+    root = checkpoints_root(cfg)
+    if is_logger:
+        os.makedirs(t.output_dir, exist_ok=True)
+        dump_config(cfg, os.path.join(t.output_dir, "config.yaml"))
+    if t.load:
+        load_checkpoint(state, t.load, finetune=t.finetune)
+    data = build_text_data(cfg)
+    iterators = data.train_iterators(cfg, len(state.model), state.consumed_samples)
+    metrics = MetricsWriter(t.output_dir, enabled=is_logger, tensorboard=t.tensorboard)
+    preemption = PreemptionHandler()
+
+    world = dist.get_world_size()
+    step_flops = flops.llm_flops_per_step(cfg.model, t.global_batch_size, cfg.data.seq_length, tp=cfg.parallel.tp)
+    device = flops.detect_device()
+    precision = "fp8" if cfg.model.fp8 else str(params_dtype(t.precision)).replace("torch.", "").replace("float32", "fp32").replace("bfloat16", "bf16").replace("float16", "fp16")
+    log.info(
+        "training %d steps | world %d = tp %d x pp %d x cp %d x dp %d | %d microbatches/step | %.3e FLOPs/step",
+        t.steps, world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp,
+        data_parallel_size(cfg, world), num_microbatches(cfg), step_flops,
+    )
+    last_saved = state.step if t.load else None
+    run_start, steps_run = time.time(), 0
+    while state.step < t.steps:
+        start = time.time()
+        result = train_step(
+            state, iterators, num_microbatches=num_microbatches(cfg), seq_length=cfg.data.seq_length,
+            micro_batch_size=t.micro_batch_size, forward_step_func=forward_step_func,
+        )
+        step_time = time.time() - start
+        state.step += 1
+        state.consumed_samples += t.global_batch_size
+        steps_run += 1
+        tokens_per_s = t.global_batch_size * cfg.data.seq_length / step_time
+        tflops = step_flops / step_time / world / 1e12
+        row = {
+            "step": state.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+            "tokens": result.tokens, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
+            "tflops_per_gpu": tflops, "mfu": flops.mfu(tflops, device, precision),
+            "consumed_samples": state.consumed_samples,
+        }
+        if t.eval_interval and state.step % t.eval_interval == 0 and data.valid is not None:
+            row["val_loss"] = evaluate(cfg, state, data.valid, forward_step_func)
+        if is_logger:
+            metrics.write(row)
+            if state.step % t.log_interval == 0 or state.step == t.steps:
+                eta = (time.time() - run_start) / steps_run * (t.steps - state.step)
+                log.info(progress_line(
+                    step=state.step, total=t.steps, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
+                    step_time_s=step_time, tokens_per_s=tokens_per_s, tflops_per_gpu=tflops, mfu=row["mfu"],
+                    consumed_samples=state.consumed_samples, eta_s=eta,
+                ) + (f" | val loss: {row['val_loss']:.6E}" if "val_loss" in row else ""))
+        stop = preemption.should_stop()
+        exiting = stop or (t.exit_interval is not None and state.step >= t.exit_interval)
+        if (t.save_interval and state.step % t.save_interval == 0) or exiting or state.step == t.steps:
+            save_checkpoint(state, root, keep_last=t.keep_last_checkpoints,
+                            optimizer_sharding=t.ckpt_optimizer_sharding)
+            last_saved = state.step
+            log.info("saved checkpoint at step %d to %s", state.step, root)
+        if exiting:
+            log.info("exiting after step %d (%s)", state.step, "SIGTERM" if stop else "train.exit_interval")
+            break
+    preemption.restore()
+    metrics.close()
+    return state

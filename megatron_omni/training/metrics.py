@@ -1,0 +1,86 @@
+"""Per-step metrics: a Megatron-style progress line, DIR/metrics.jsonl and TensorBoard scalars.
+
+Only one rank writes (global rank 0); the step's loss is already identical on all ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from typing import Any, Dict, Optional
+
+log = logging.getLogger("megatron_omni.train")
+
+
+def format_eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
+
+
+class MetricsWriter:
+    """Appends one JSON object per step and mirrors numeric fields to TensorBoard."""
+
+    def __init__(self, output_dir: str, *, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        # Append: a resumed run continues the same file (rows past the resume step are
+        # rewritten by the resumed run, so readers take the last row per step).
+        self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:  # tensorboard is a hard dependency; say so clearly
+                raise RuntimeError("tensorboard is not installed: pip install tensorboard") from e
+            self._tb = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
+
+    def write(self, row: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            step = row["step"]
+            for key, value in _flatten(row).items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _flatten(row: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in row.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def progress_line(
+    *, step: int, total: int, loss: float, lr: float, grad_norm: Optional[float], step_time_s: float,
+    tokens_per_s: float, tflops_per_gpu: float, mfu: Optional[float], consumed_samples: int, eta_s: float,
+) -> str:
+    parts = [
+        f"step {step:>6d}/{total:<6d}",
+        f"consumed samples: {consumed_samples:>9d}",
+        f"step time (ms): {step_time_s * 1e3:8.1f}",
+        f"lr: {lr:.3E}",
+        f"loss: {loss:.6E}",
+        f"grad norm: {grad_norm:.4f}" if grad_norm is not None else "grad norm: n/a",
+        f"tokens/s: {tokens_per_s:,.0f}",
+        f"TFLOP/s/GPU: {tflops_per_gpu:.3f}",
+    ]
+    if mfu is not None:
+        parts.append(f"MFU: {100 * mfu:.1f}%")
+    parts.append(f"ETA {format_eta(eta_s)}")
+    return " | ".join(parts)
