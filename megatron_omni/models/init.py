@@ -16,47 +16,17 @@ padding start at zero so they do not depend on the (TP-dependent) amount of padd
 from __future__ import annotations
 
 import math
-import re
 import zlib
-from typing import Iterable, Iterator, Tuple
+from typing import Iterable
 
 import torch
 from megatron.core import parallel_state
 
 from megatron_omni.config.schema import ModelConfig
+from megatron_omni.parallel import layout
 
 _RESIDUAL_OUTPUTS = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
 _VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
-
-
-def global_named_parameters(chunk: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Parameter]]:
-    """named_parameters() with pipeline-local layer indices replaced by global ones."""
-    layers = getattr(getattr(chunk, "decoder", None), "layers", [])
-    local_to_global = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(layers)}
-    for name, param in chunk.named_parameters():
-        m = re.match(r"(.*decoder\.layers\.)(\d+)(\..*)", name)
-        if m:
-            name = m.group(1) + local_to_global[m.group(2)] + m.group(3)
-        yield name, param
-
-
-def _full_shape(param: torch.nn.Parameter, tp: int) -> Tuple[int, ...]:
-    shape = list(param.shape)
-    if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= tp
-    return tuple(shape)
-
-
-def _tp_slice(full: torch.Tensor, param: torch.nn.Parameter, name: str, tp: int, rank: int,
-              gated_fc1: bool) -> torch.Tensor:
-    if not getattr(param, "tensor_model_parallel", False) or tp == 1:
-        return full
-    dim = param.partition_dim
-    if gated_fc1 and name.endswith("mlp.linear_fc1.weight"):
-        # fc1 is [gate; up]; each TP rank holds [gate_r; up_r].
-        gate, up = full.chunk(2, dim=dim)
-        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
-    return full.chunk(tp, dim=dim)[rank]
 
 
 @torch.no_grad()
@@ -65,8 +35,8 @@ def init_weights_layout_invariant(chunks: Iterable[torch.nn.Module], model: Mode
     rank = parallel_state.get_tensor_model_parallel_rank()
     residual_std = model.init_method_std / math.sqrt(2.0 * model.num_layers)
     for chunk in chunks:
-        for name, param in global_named_parameters(chunk):
-            full_shape = _full_shape(param, tp)
+        for name, param in layout.global_named_parameters(chunk):
+            full_shape = layout.full_shape(param, tp)
             if name.endswith("layernorm.weight") or name.endswith("final_layernorm.weight"):
                 param.fill_(1.0)
                 continue
@@ -82,4 +52,4 @@ def init_weights_layout_invariant(chunks: Iterable[torch.nn.Module], model: Mode
                 rows = model.vocab_size  # padding rows stay zero
             full = torch.zeros(full_shape, dtype=torch.float32, device=param.device)
             full[:rows].normal_(0.0, std, generator=gen)
-            param.copy_(_tp_slice(full, param, name, tp, rank, gated_fc1=True))
+            param.copy_(layout.shard(full, param, name, tp, rank))

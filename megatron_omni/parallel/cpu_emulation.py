@@ -23,7 +23,9 @@ What is redirected, and why:
       grad-clipping assert on them);
   (e) streams, events, synchronize and memory queries become no-ops / zeros;
   (f) `moe_utils.te_general_gemm` is defined as None (megatron 0.16 leaves it undefined
-      when Transformer Engine is missing, a NameError in the MoE router).
+      when Transformer Engine is missing, a NameError in the MoE router);
+  (g) megatron's "CPU RNG state changed within GPU RNG context" warning is filtered: with
+      one generator standing in for both, every RNG use inside a fork trips it.
 """
 
 from __future__ import annotations
@@ -159,6 +161,15 @@ def _patches() -> List[Tuple[Any, str, Any]]:
 _MISSING = object()
 
 
+class _SharedGeneratorWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+_RNG_LOGGER = "megatron.core.tensor_parallel.random"
+_rng_filter = _SharedGeneratorWarningFilter()
+
+
 def enable() -> None:
     """Redirect CUDA spellings to the CPU for the rest of the process (idempotent)."""
     with _lock:
@@ -172,6 +183,7 @@ def enable() -> None:
             setattr(obj, name, repl)
         mode = _CudaToCpuMode()
         mode.__enter__()
+        logging.getLogger(_RNG_LOGGER).addFilter(_rng_filter)
         _state.update(mode=mode, saved=saved)
     log.info("CUDA emulated on CPU: megatron-core runs its CUDA code paths over gloo on the CPU")
 
@@ -183,6 +195,7 @@ def disable() -> None:
         if mode is None:
             return
         mode.__exit__(None, None, None)
+        logging.getLogger(_RNG_LOGGER).removeFilter(_rng_filter)
         for obj, name, old in reversed(_state["saved"]):
             if old is _MISSING:
                 delattr(obj, name)

@@ -33,6 +33,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper,
 )
 
+from megatron_omni.parallel.layout import unwrap
 from megatron_omni.training.setup import TrainState
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,12 @@ def _sharded_state_dict(state: TrainState, *, is_loading: bool, with_optimizer: 
                         with_rng: bool, optimizer_sharding: str) -> Dict[str, Any]:
     metadata = {"distrib_optim_sharding_type": optimizer_sharding}
     sd: Dict[str, Any] = {}
-    if len(state.model) == 1:
-        sd["model"] = state.model[0].sharded_state_dict(metadata=metadata)
+    # Like Megatron-LM: state dicts of the bare model (no DDP/Float16Module key prefixes).
+    chunks = [unwrap(chunk) for chunk in state.model]
+    if len(chunks) == 1:
+        sd["model"] = chunks[0].sharded_state_dict(metadata=metadata)
     else:
-        for i, chunk in enumerate(state.model):
+        for i, chunk in enumerate(chunks):
             sd[f"model{i}"] = chunk.sharded_state_dict(metadata=metadata)
     if with_optimizer:
         sd["optimizer"] = state.optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=metadata)
@@ -145,6 +148,57 @@ def _prune(root: str, keep_last: int) -> None:
         shutil.rmtree(checkpoint_dir(root, step), ignore_errors=True)
 
 
+def _prime_torch_adam_state(optimizer) -> None:
+    """Give a never-stepped torch Adam(W) its state tensors before loading into it.
+
+    megatron falls back to torch.optim.AdamW without apex/TE, and its
+    DistributedOptimizer.state_dict() then reads Adam's per-param `step`, which torch
+    only creates at the first update: loading into a fresh optimizer would assert.
+    (With TE/apex FusedAdam megatron takes another branch and this does nothing.)
+    """
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(p.data),
+                        "exp_avg_sq": torch.zeros_like(p.data),
+                    }
+
+
+def _load_optimizer(optimizer, state_dict) -> None:
+    """optimizer.load_state_dict, working around megatron 0.16's torch-AdamW path.
+
+    Without TE/apex, DistributedOptimizer.load_state_dict adds torch's per-param `step`
+    to the Adam state and then copies *every* state key from the fully-reshardable
+    param_state, which has no `step` (KeyError).  So: load everything but param_state,
+    then load param_state with `step` set aside, then put `step` back -- one tensor per
+    parameter: megatron hands every parameter the same `step` tensor, and torch's AdamW
+    increments it in place once per parameter, which would corrupt bias correction.
+    With FusedAdam (GPU) the plain call is used.
+    """
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    torch_adam = [isinstance(getattr(s, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW)) for s in subs]
+    if not any(torch_adam):
+        optimizer.load_state_dict(state_dict)
+        return
+    parts = [state_dict] if len(subs) == 1 else [v for _, v in sorted(state_dict.items())]
+    for sub, sd in zip(subs, parts):
+        param_state = sd.pop("param_state", None)
+        sub.load_state_dict(sd)
+        if param_state is None:
+            continue
+        steps = {p: st.pop("step") for p, st in sub.optimizer.state.items() if "step" in st}
+        loader = getattr(sub, f"load_parameter_state_from_{sd['param_state_sharding_type']}")
+        loader(param_state)
+        for p, step in steps.items():
+            sub.optimizer.state[p]["step"] = step.clone()
+
+
 def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> Dict[str, Any]:
     """Resume from the latest checkpoint in `root` (or from `root` itself if it is an iter_ folder).
 
@@ -163,7 +217,9 @@ def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> 
         path = checkpoint_dir(root, step)
     common = dist_checkpointing.load_common_state_dict(path)
     same_layout = common.get("layout") == _layout()
-    with_optimizer = not finetune and "optimizer" in _ckpt_keys(common)
+    with_optimizer = not finetune and "optimizer" in common
+    if with_optimizer:
+        _prime_torch_adam_state(state.optimizer)
     sd = _sharded_state_dict(state, is_loading=True, with_optimizer=with_optimizer,
                              with_rng=with_optimizer and same_layout,
                              optimizer_sharding=common.get("optimizer_sharding", "fully_reshardable"))
@@ -174,13 +230,14 @@ def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> 
         parallel_state.get_data_parallel_group(with_context_parallel=True),
     )
     loaded = dist_checkpointing.load(sd, path, sharded_strategy=strategy)
-    if len(state.model) == 1:
-        state.model[0].load_state_dict(loaded["model"], strict=True)
+    chunks = [unwrap(chunk) for chunk in state.model]
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"], strict=True)
     else:
-        for i, chunk in enumerate(state.model):
+        for i, chunk in enumerate(chunks):
             chunk.load_state_dict(loaded[f"model{i}"], strict=True)
     if with_optimizer:
-        state.optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer(state.optimizer, loaded["optimizer"])
         state.scheduler.load_state_dict(loaded["scheduler"])
         state.step = loaded["train_state"]["step"]
         state.consumed_samples = loaded["train_state"]["consumed_samples"]
@@ -192,7 +249,3 @@ def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> 
     )
     return loaded.get("extra", {}) or {}
 
-
-def _ckpt_keys(common: Dict[str, Any]):
-    # Common state holds the non-sharded parts; the optimizer always brings its param_groups there.
-    return set(common.keys())

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_omni.parallel.layout import unwrap
 from megatron_omni.training.setup import TrainState
 
 LM_LOSS = "lm loss"
@@ -35,7 +36,7 @@ def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def gpt_forward_step(data_iterator: Optional[Iterator[Dict[str, torch.Tensor]]], model: torch.nn.Module):
     """megatron forward_step_func for a text batch (tokens, labels, loss_mask, position_ids)."""
     batch = next(data_iterator) if data_iterator is not None else None
-    vp_stage = getattr(model, "vp_stage", None)
+    vp_stage = unwrap(model).vp_stage
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     tokens = batch["tokens"].cuda(non_blocking=True) if first else None

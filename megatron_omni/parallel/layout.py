@@ -1,0 +1,104 @@
+"""Where each parameter of the full model lives at a given TP/PP layout.
+
+PP: pipeline stages number their decoder layers from 0 locally; `global_named_parameters`
+gives the single-rank name (global layer index) of every local parameter.
+
+TP: how a full (single-rank) tensor maps onto tensor-parallel shards, and back.
+One rule set, used by layout-invariant init (full -> shard) and by gradient /
+weight gathering (shards -> full).  megatron marks TP-sharded parameters with
+`tensor_model_parallel` and `partition_dim`; shards are contiguous chunks along
+that dim, except the SwiGLU fc1 weight, which megatron stores as [gate; up] on
+every rank, i.e. rank r holds [gate_r; up_r].  QKV needs no special case:
+megatron orders it by GQA group ([q.., k, v] per group) and TP splits whole groups.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Iterable, Iterator, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / Float16Module wrappers down to the model itself."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def global_named_parameters(chunk: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Parameter]]:
+    """named_parameters() of an (unwrapped) chunk with pipeline-local layer indices made global."""
+    chunk = unwrap(chunk)
+    layers = getattr(getattr(chunk, "decoder", None), "layers", [])
+    local_to_global = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(layers)}
+    for name, param in chunk.named_parameters():
+        m = re.match(r"(.*decoder\.layers\.)(\d+)(\..*)", name)
+        if m:
+            name = m.group(1) + local_to_global[m.group(2)] + m.group(3)
+        yield name, param
+
+
+def is_tp_sharded(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def _is_gated_fc1(name: str) -> bool:
+    return name.endswith("mlp.linear_fc1.weight")
+
+
+def full_shape(param: torch.Tensor, tp: int) -> tuple:
+    shape = list(param.shape)
+    if is_tp_sharded(param):
+        shape[param.partition_dim] *= tp
+    return tuple(shape)
+
+
+def shard(full: torch.Tensor, param: torch.Tensor, name: str, tp: int, rank: int) -> torch.Tensor:
+    """This TP rank's piece of the full tensor, in the layout of `param`."""
+    if not is_tp_sharded(param) or tp == 1:
+        return full
+    dim = param.partition_dim
+    if _is_gated_fc1(name):
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def gather(local: torch.Tensor, param: torch.Tensor, name: str, group) -> torch.Tensor:
+    """Inverse of `shard`: all-gather `local` (a tensor shaped like `param`) over the TP group."""
+    tp = dist.get_world_size(group)
+    if not is_tp_sharded(param) or tp == 1:
+        return local
+    pieces = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(pieces, local.contiguous(), group=group)
+    dim = param.partition_dim
+    if _is_gated_fc1(name):
+        gates, ups = zip(*(p.chunk(2, dim=dim) for p in pieces))
+        return torch.cat(list(gates) + list(ups), dim=dim)
+    return torch.cat(pieces, dim=dim)
+
+
+def gather_full_model(chunks: Iterable[torch.nn.Module], *, grads: bool = False) -> Optional[Dict[str, torch.Tensor]]:
+    """The full single-rank state (weights, or megatron `main_grad`s) of a model spread over
+    TP x PP, on global rank 0 (None elsewhere).  For checks and debugging of small models:
+    it moves everything through rank 0 with object collectives."""
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    mine: Dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        for name, param in global_named_parameters(chunk):
+            local = param.main_grad if grads else param.data
+            full = gather(local.detach().float(), param, name, tp_group)
+            if parallel_state.get_tensor_model_parallel_rank() == 0:
+                mine[name] = full.cpu().clone()
+    keep = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, mine if keep else {})
+    if dist.get_rank() != 0:
+        return None
+    merged: Dict[str, torch.Tensor] = {}
+    for part in everything:
+        merged.update(part)
+    return merged
