@@ -18,7 +18,6 @@ TINY = [
     "train.global_batch_size=8",
     "train.log_interval=1",
     "train.eval_interval=null",
-    "train.tensorboard=false",
     "optimizer.lr_warmup_steps=1",
 ]
 

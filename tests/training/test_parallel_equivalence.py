@@ -14,6 +14,9 @@ from tests.helpers.launch import metrics, torchrun, train
 
 STEPS = 5
 REL_TOL = 1e-5
+# Validation at the last step: forward-only schedule, same held-out batch at every layout.
+EVAL = [f"train.eval_interval={STEPS}", "train.eval_iters=1"]
+METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "step_time_s", "tokens_per_s", "tflops_per_gpu"}
 
 LAYOUTS = {
     "tp2_pp2": ["parallel.tp=2", "parallel.pp=2"],
@@ -25,15 +28,20 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_cache):
     out = tmp_path_factory.mktemp("ref")
-    train(1, out, [f"train.steps={STEPS}"], cache_dir=data_cache)
+    train(1, out, [f"train.steps={STEPS}", *EVAL], cache_dir=data_cache)
     return metrics(out)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_losses_match_single_rank(layout, reference, tmp_path, data_cache):
-    train(4, tmp_path, [f"train.steps={STEPS}", *LAYOUTS[layout]], cache_dir=data_cache)
+    proc = train(4, tmp_path, [f"train.steps={STEPS}", *EVAL, *LAYOUTS[layout]], cache_dir=data_cache)
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert METRIC_KEYS <= set(rows[0]), set(rows[0])
+    assert rows[-1]["val_loss"] == pytest.approx(reference[-1]["val_loss"], rel=REL_TOL)
+    assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "tensorboard").iterdir())
+    progress = [line for line in proc.stdout.splitlines() if f"step      {STEPS}/{STEPS}" in line]
+    assert progress and all(k in progress[0] for k in ("loss:", "lr:", "tokens/s:", "TFLOP/s/GPU:", "ETA")), progress
     for ref, got in zip(reference, rows):
         assert got["tokens"] == ref["tokens"]
         assert got["loss"] == pytest.approx(ref["loss"], rel=REL_TOL), (layout, got["step"])
