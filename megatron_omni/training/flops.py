@@ -31,7 +31,6 @@ token is routed to are computed) plus the shared experts'.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Sequence
 
 from megatron_omni.config.schema import ModelConfig

@@ -9,8 +9,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_omni.config import RunConfig, data_parallel_size, dump_config, validate
 from megatron_omni.models.init import init_weights_layout_invariant
@@ -28,7 +26,7 @@ from megatron_omni.training.setup import (
     params_dtype,
     wrap_ddp,
 )
-from megatron_omni.training.step import gpt_forward_step, reduce_losses, train_step
+from megatron_omni.training.step import gpt_forward_step, reduce_losses, run_schedule, train_step
 from megatron_omni.training.text_data import build_text_data, chunk_iterators
 
 log = logging.getLogger("megatron_omni.train")
@@ -63,21 +61,13 @@ def evaluate(cfg: RunConfig, state: TrainState, dataset, forward_step_func=gpt_f
     for chunk in state.model:
         chunk.eval()
     iterators = chunk_iterators(cfg, dataset, len(state.model), consumed_samples=0)
-    forward_backward = get_forward_backward_func()
-    total = 0
     summed = torch.zeros(2, dtype=torch.float64)
     for _ in range(cfg.train.eval_iters):
-        losses = forward_backward(
-            forward_step_func=forward_step_func,
-            data_iterator=iterators if len(state.model) > 1 else iterators[0],
-            model=state.model if len(state.model) > 1 else state.model[0],
-            num_microbatches=num_microbatches(cfg),
-            seq_length=cfg.data.seq_length,
-            micro_batch_size=cfg.train.micro_batch_size,
-            forward_only=True,
+        losses = run_schedule(
+            state.model, iterators, num_microbatches=num_microbatches(cfg), seq_length=cfg.data.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size, forward_only=True, forward_step_func=forward_step_func,
         )
         summed += reduce_losses(losses).cpu()
-        total += 1
     for chunk in state.model:
         chunk.train()
     return (summed[0] / summed[1].clamp(min=1)).item()
@@ -106,13 +96,13 @@ def pretrain(
     world = dist.get_world_size()
     step_flops = flops.llm_flops_per_step(cfg.model, t.global_batch_size, cfg.data.seq_length, tp=cfg.parallel.tp)
     device = flops.detect_device()
-    precision = "fp8" if cfg.model.fp8 else str(params_dtype(t.precision)).replace("torch.", "").replace("float32", "fp32").replace("bfloat16", "bf16").replace("float16", "fp16")
+    precision = "fp8" if cfg.model.fp8 else {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
+        params_dtype(t.precision)]
     log.info(
         "training %d steps | world %d = tp %d x pp %d x cp %d x dp %d | %d microbatches/step | %.3e FLOPs/step",
         t.steps, world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp,
         data_parallel_size(cfg, world), num_microbatches(cfg), step_flops,
     )
-    last_saved = state.step if t.load else None
     run_start, steps_run = time.time(), 0
     while state.step < t.steps:
         start = time.time()
@@ -148,7 +138,6 @@ def pretrain(
         if (t.save_interval and state.step % t.save_interval == 0) or exiting or state.step == t.steps:
             save_checkpoint(state, root, keep_last=t.keep_last_checkpoints,
                             optimizer_sharding=t.ckpt_optimizer_sharding)
-            last_saved = state.step
             log.info("saved checkpoint at step %d to %s", state.step, root)
         if exiting:
             log.info("exiting after step %d (%s)", state.step, "SIGTERM" if stop else "train.exit_interval")

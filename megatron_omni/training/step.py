@@ -70,6 +70,28 @@ def reduce_losses(losses_reduced: List[Dict[str, torch.Tensor]], name: str = LM_
     return total
 
 
+def run_schedule(
+    model: List[torch.nn.Module],
+    data_iterators: List[Optional[Iterator]],
+    *,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool,
+    forward_step_func=gpt_forward_step,
+) -> List[Dict[str, torch.Tensor]]:
+    """megatron's forward-backward schedule for this PP/VPP layout (lists only with VPP)."""
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
 def train_step(
     state: TrainState,
     data_iterators: List[Optional[Iterator]],
@@ -82,15 +104,9 @@ def train_step(
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
-    forward_backward = get_forward_backward_func()
-    losses_reduced = forward_backward(
-        forward_step_func=forward_step_func,
-        data_iterator=data_iterators if len(state.model) > 1 else data_iterators[0],
-        model=state.model if len(state.model) > 1 else state.model[0],
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
+    losses_reduced = run_schedule(
+        state.model, data_iterators, num_microbatches=num_microbatches, seq_length=seq_length,
+        micro_batch_size=micro_batch_size, forward_only=False, forward_step_func=forward_step_func,
     )
     lr = state.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
     update_successful, grad_norm, _ = state.optimizer.step()

@@ -11,13 +11,11 @@ import torch
 
 def main() -> None:
     out, overrides = sys.argv[1], sys.argv[2:]
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megatron_omni.config import load_config
     from megatron_omni.parallel.initialize import destroy_distributed
     from megatron_omni.parallel.layout import gather_full_model
     from megatron_omni.training.loop import build_train_state, num_microbatches
-    from megatron_omni.training.step import gpt_forward_step, reduce_losses
+    from megatron_omni.training.step import reduce_losses, run_schedule
     from megatron_omni.training.text_data import build_text_data
 
     cfg = load_config("configs/tiny/llm.yaml", overrides)
@@ -26,14 +24,9 @@ def main() -> None:
     iterators = data.train_iterators(cfg, len(state.model), consumed_samples=0)
     for chunk in state.model:
         chunk.zero_grad_buffer()
-    losses = get_forward_backward_func()(
-        forward_step_func=gpt_forward_step,
-        data_iterator=iterators if len(state.model) > 1 else iterators[0],
-        model=state.model if len(state.model) > 1 else state.model[0],
-        num_microbatches=num_microbatches(cfg),
-        seq_length=cfg.data.seq_length,
-        micro_batch_size=cfg.train.micro_batch_size,
-        forward_only=False,
+    losses = run_schedule(
+        state.model, iterators, num_microbatches=num_microbatches(cfg), seq_length=cfg.data.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size, forward_only=False,
     )
     total = reduce_losses(losses)
     grads = gather_full_model(state.model, grads=True)
