@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from megatron_omni.config.loader import ConfigError
 from megatron_omni.config.schema import RunConfig
+from megatron_omni.models.kernels import detect_kernels
 
 _CHOICES = {
     "model.transformer_impl": ("auto", "transformer_engine", "local"),
@@ -102,5 +103,10 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(f"data.seq_length={cfg.data.seq_length} must be divisible by 2*parallel.cp={2 * p.cp}")
     if m.fp8 is not None and m.transformer_impl == "local":
         raise ConfigError("model.fp8 needs model.transformer_impl=transformer_engine (or auto with TE installed)")
+    if p.cp > 1 and not detect_kernels(m.transformer_impl).transformer_engine:
+        raise ConfigError(
+            f"parallel.cp={p.cp} needs Transformer Engine attention (megatron's local attention has no "
+            "context parallelism); run with TE on GPU or set parallel.cp=1"
+        )
     if not cfg.data.blend:
         raise ConfigError("data.blend is empty: name at least one data source (path: ..., weight: ...)")

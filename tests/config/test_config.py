@@ -78,3 +78,12 @@ def test_entry_point_reports_config_error_and_exits_2(capsys):
 
     assert main(["--config", TINY, "train.stepz=1"]) == 2
     assert "config error: unknown config key 'train.stepz'" in capsys.readouterr().err
+
+
+def test_context_parallel_without_transformer_engine_is_a_config_error():
+    from megatron_omni.models.kernels import detect_kernels
+
+    if detect_kernels("auto").transformer_engine:
+        pytest.skip("Transformer Engine present: context parallelism is available")
+    with pytest.raises(ConfigError, match="parallel.cp=2 needs Transformer Engine attention"):
+        validate(load_config(TINY, ["parallel.cp=2"]), 2)

@@ -1,0 +1,46 @@
+"""The per-module parameter-group hook reaches megatron's optimizer (later stages give encoders their own LR)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from megatron.core.optimizer.optimizer_config import ParamKey
+from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+
+from megatron_omni.config import load_config
+from megatron_omni.parallel import cpu_emulation
+from megatron_omni.parallel.initialize import destroy_distributed
+from megatron_omni.training.loop import build_train_state
+
+
+@pytest.fixture
+def one_rank_world(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    yield
+    destroy_distributed()
+    cpu_emulation.disable()
+
+
+def test_hook_gives_matching_parameters_their_own_lr(one_rank_world):
+    cfg = load_config("configs/tiny/llm.yaml", ["optimizer.lr_warmup_steps=0", "optimizer.lr=1e-3"])
+
+    def hook(_cfg):
+        return {ParamKey(name="*output_layer*"): ParamGroupOverride(max_lr=1e-5, min_lr=1e-6)}
+
+    state = build_train_state(cfg, param_group_hook=hook)
+    groups = state.optimizer.param_groups
+    by_lr = {}
+    for g in groups:
+        by_lr.setdefault(g["max_lr"], 0)
+        by_lr[g["max_lr"]] += sum(p.numel() for p in g["params"])
+    vocab, hidden = cfg.model.padded_vocab_size(), cfg.model.hidden_size
+    assert by_lr[1e-5] == vocab * hidden  # exactly the output layer
+    assert by_lr[1e-3] > 0
+    state.scheduler.step(increment=1)
+    lrs = {g["max_lr"]: g["lr"] for g in state.optimizer.param_groups}
+    assert lrs[1e-5] < lrs[1e-3]  # the scheduler anneals each group from its own max
