@@ -4,8 +4,9 @@ Composition rule (one rule, used everywhere): wherever a mapping is expected, a
 string is read as the path of a YAML file holding that mapping, relative to the
 file that names it (or to the working directory on the command line).  So
 `model: ../model/llama3_8b.yaml` in a run config and `model=configs/model/llama3_70b.yaml`
-on the command line both swap the whole model section.  A top-level `base:`
-key names a run config to start from; the file's own keys are merged on top.
+on the command line both swap the whole model section.  A `base:` key, at the top
+level or inside any section, names a file to start from; the keys beside it are
+merged on top (`model: {base: model/llama3_8b.yaml, fp8: hybrid}`).
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def _read_yaml(path: str) -> Dict[str, Any]:
 
 
 def _deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
+    """`top` over `base`; a mapping that names its own `base:` replaces the inherited one."""
     out = dict(base)
     for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and "base" not in v:
             out[k] = _deep_merge(out[k], v)
         else:
             out[k] = v
@@ -67,10 +69,14 @@ def _resolve_section_files(data: Dict[str, Any], here: str, cls: type) -> Dict[s
     for k, v in data.items():
         ftype = _unwrap_optional(hints.get(k))
         if dataclasses.is_dataclass(ftype) and isinstance(v, str):
-            sub_path = os.path.join(here, v)
-            sub = _read_yaml(sub_path)
-            v = _resolve_section_files(sub, os.path.dirname(os.path.abspath(sub_path)), ftype)
-        elif dataclasses.is_dataclass(ftype) and isinstance(v, dict):
+            v = {"base": v}
+        if dataclasses.is_dataclass(ftype) and isinstance(v, dict):
+            v = dict(v)
+            base = v.pop("base", None)
+            if base is not None:
+                sub_path = os.path.join(here, base)
+                sub = _resolve_section_files(_read_yaml(sub_path), os.path.dirname(os.path.abspath(sub_path)), ftype)
+                v = _deep_merge(sub, v)
             v = _resolve_section_files(v, here, ftype)
         out[k] = v
     return out
@@ -179,9 +185,8 @@ def apply_override(tree: Dict[str, Any], parts: List[str], value: Any, cls: type
         ftype = _unwrap_optional(hints[part])
         last = i == len(parts) - 1
         if last:
-            if dataclasses.is_dataclass(ftype) and isinstance(value, str):
-                sub = _read_yaml(value)
-                value = _resolve_section_files(sub, os.path.dirname(os.path.abspath(value)), ftype)
+            if dataclasses.is_dataclass(ftype) and isinstance(value, (str, dict)):
+                value = _resolve_section_files({part: value}, os.getcwd(), node_cls)[part]
             node[part] = value
             return
         if not dataclasses.is_dataclass(ftype):

@@ -199,21 +199,23 @@ def _load_optimizer(optimizer, state_dict) -> None:
             sub.optimizer.state[p]["step"] = step.clone()
 
 
-def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> Dict[str, Any]:
+def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> Optional[Dict[str, Any]]:
     """Resume from the latest checkpoint in `root` (or from `root` itself if it is an iter_ folder).
 
+    As Megatron-LM's --load: a folder with no checkpoint yet (a job's first start, with the
+    same folder as its save target) is a warning and a fresh start, returning None.
     finetune=True loads weights only (fresh optimizer, scheduler, step and data position).
     Returns the checkpoint's `extra` dict (data-loader and balancer states of later stages).
     """
     if os.path.basename(os.path.normpath(root)).startswith("iter_"):
         path = root
+        if not os.path.isfile(os.path.join(path, "metadata.json")):
+            raise FileNotFoundError(f"train.load={root}: not a checkpoint (no metadata.json there)")
     else:
         step = latest_step(root)
         if step is None:
-            raise FileNotFoundError(
-                f"train.load={root}: no {TRACKER_FILE} there; point it at a checkpoints folder "
-                "written by megatron_omni.train (or at one iter_XXXXXXX folder inside it)"
-            )
+            log.warning("train.load=%s holds no checkpoint (%s missing): starting from scratch", root, TRACKER_FILE)
+            return None
         path = checkpoint_dir(root, step)
     common = dist_checkpointing.load_common_state_dict(path)
     same_layout = common.get("layout") == _layout()

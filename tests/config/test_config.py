@@ -87,3 +87,14 @@ def test_context_parallel_without_transformer_engine_is_a_config_error():
         pytest.skip("Transformer Engine present: context parallelism is available")
     with pytest.raises(ConfigError, match="parallel.cp=2 needs Transformer Engine attention"):
         validate(load_config(TINY, ["parallel.cp=2"]), 2)
+
+
+def test_section_base_extends_a_model_file_and_child_base_replaces_inherited_section():
+    c8 = load_config("configs/llama3_8b_pretrain.yaml")
+    assert (c8.model.num_layers, c8.model.fp8, c8.model.transformer_impl) == (32, "hybrid", "transformer_engine")
+    c70 = load_config("configs/llama3_70b_pretrain.yaml")  # base: the 8B run config, model base: 70B
+    assert (c70.model.num_layers, c70.model.hidden_size, c70.model.fp8) == (80, 8192, "hybrid")
+    assert (c70.parallel.tp, c70.parallel.pp, c70.parallel.vpp) == (4, 8, 5)
+    assert c70.data.seq_length == c8.data.seq_length == 8192  # inherited untouched
+    validate(c8, 8)
+    validate(c70, 64)
