@@ -48,8 +48,11 @@ ensure_venv() {
     echo "$HASH" >"$MARKER"
     rm -f "$LOG"
     # Default-location venvs of older pins, unused for 14 days, are ~6 GB each: drop them.
-    [[ -z "${OMNI_VENV:-}" ]] && find "$CACHE" -maxdepth 2 -name .megatron-omni-ready -mtime +14 -printf '%h\n' \
-        | grep -vxF "$VENV" | xargs -r rm -rf
+    # (`|| true`: under `set -e -o pipefail` an empty match list would otherwise abort the caller.)
+    if [[ -z "${OMNI_VENV:-}" ]]; then
+        find "$CACHE" -maxdepth 2 -name .megatron-omni-ready -mtime +14 -printf '%h\n' \
+            | { grep -vxF "$VENV" || true; } | xargs -r rm -rf
+    fi
     return 0
 }
 
