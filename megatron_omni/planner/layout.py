@@ -1,0 +1,176 @@
+"""A candidate parallel layout, the job it runs, and the legality check megatron would apply.
+
+Legality is `megatron_omni.config.validate.validate` on the `RunConfig` the layout would
+launch with, so the planner never proposes a layout the trainer rejects (heads % tp,
+groups % tp, layers % (pp*vpp), gbs % (mbs*dp), interleaving needs microbatches % pp).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_omni.config.loader import ConfigError
+from megatron_omni.config.schema import (
+    DataConfig,
+    DataSource,
+    ModelConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+)
+from megatron_omni.config.validate import validate
+
+RECOMPUTE = ("none", "selective", "full")
+PRECISIONS = ("bf16", "fp8")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What is trained: the model, tokens per step and the GEMM precision."""
+
+    model: ModelConfig
+    seq_len: int
+    global_batch: int
+    precision: str = "bf16"  # bf16 | fp8 (TE FP8 GEMMs, bf16 params/activations elsewhere)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.seq_len < 1 or self.global_batch < 1:
+            raise ValueError("seq_len and global_batch must be >= 1")
+
+    @property
+    def fp8(self) -> bool:
+        return self.precision == "fp8"
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None  # None = plain 1F1B; k = k model chunks per pipeline rank
+    cp: int = 1
+    ep: int = 1  # expert parallel; 1 until the model schema has MoE layers
+    micro_batch: int = 1
+    recompute: str = "none"  # none | selective (core attention) | full (uniform, every layer)
+
+    @property
+    def v(self) -> int:
+        return self.vpp or 1
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tp * self.pp * self.cp
+
+    def dp(self, num_gpus: int) -> int:
+        return num_gpus // self.model_parallel
+
+    def num_microbatches(self, num_gpus: int, global_batch: int) -> int:
+        return global_batch // (self.micro_batch * self.dp(num_gpus))
+
+    def describe(self) -> str:
+        parts = [f"tp={self.tp}", f"pp={self.pp}"]
+        if self.vpp:
+            parts.append(f"vpp={self.vpp}")
+        parts += [f"cp={self.cp}", f"ep={self.ep}", f"mbs={self.micro_batch}", f"recompute={self.recompute}"]
+        return ",".join(parts)
+
+
+_KEYS = {
+    "tp": "tp", "pp": "pp", "vpp": "vpp", "cp": "cp", "ep": "ep", "dp": "dp",
+    "mbs": "micro_batch", "micro_batch": "micro_batch", "recompute": "recompute",
+}
+
+
+def parse_layout(text: str, num_gpus: int) -> Layout:
+    """'tp=4,pp=8,vpp=5[,cp=1,ep=1,mbs=1,recompute=none,dp=2]' -> Layout.
+
+    Unnamed fields take the defaults above; `dp`, when given, must equal
+    gpus / (tp*pp*cp).  Raises ConfigError with a one-line message.
+    """
+    values = {}
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        if "=" not in item:
+            raise ConfigError(f"--layout item '{item}' must look like key=value (e.g. tp=4,pp=8,vpp=5)")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        if key not in _KEYS:
+            raise ConfigError(f"--layout: unknown key '{key}'; valid keys: {', '.join(sorted(_KEYS))}")
+        field = _KEYS[key]
+        if field == "recompute":
+            if raw not in RECOMPUTE:
+                raise ConfigError(f"--layout: recompute={raw!r} is not one of {list(RECOMPUTE)}")
+            values[field] = raw
+            continue
+        if field == "vpp" and raw.lower() in ("none", "null", "1"):
+            values[field] = None
+            continue
+        try:
+            n = int(raw)
+        except ValueError:
+            raise ConfigError(f"--layout: {key}={raw!r} is not an integer") from None
+        if n < 1:
+            raise ConfigError(f"--layout: {key} must be >= 1, got {n}")
+        values[field] = n
+    if not values:
+        raise ConfigError("--layout is empty; give e.g. tp=4,pp=8,vpp=5")
+    dp = values.pop("dp", None)
+    layout = Layout(**values)
+    if dp is not None and num_gpus % layout.model_parallel == 0 and dp != layout.dp(num_gpus):
+        raise ConfigError(
+            f"--layout: dp={dp} but gpus/(tp*pp*cp) = {num_gpus}/{layout.model_parallel} = {layout.dp(num_gpus)}"
+        )
+    return layout
+
+
+def run_config(job: Job, layout: Layout) -> RunConfig:
+    """The RunConfig this layout would launch with (sequence parallel whenever tp > 1)."""
+    granularity = None if layout.recompute == "none" else layout.recompute
+    model = dataclasses.replace(
+        job.model,
+        fp8="hybrid" if job.fp8 else None,
+        transformer_impl="auto",
+        recompute_granularity=granularity,
+        recompute_method="uniform" if layout.recompute == "full" else None,
+        recompute_num_layers=1 if layout.recompute == "full" else None,
+    )
+    parallel = ParallelConfig(
+        tp=layout.tp, pp=layout.pp, vpp=layout.vpp, cp=layout.cp, ep=layout.ep,
+        sequence_parallel=layout.tp > 1, use_distributed_optimizer=True,
+        overlap_grad_reduce=True, overlap_param_gather=True,
+    )
+    return RunConfig(
+        model=model,
+        parallel=parallel,
+        data=DataConfig(blend=[DataSource(path="planner")], seq_length=job.seq_len),
+        train=TrainConfig(steps=1, micro_batch_size=layout.micro_batch, global_batch_size=job.global_batch,
+                          precision="bf16", tensorboard=False),
+    )
+
+
+def check_layout(job: Job, layout: Layout, num_gpus: int) -> None:
+    """Raise ConfigError (one line) if megatron would reject this layout on `num_gpus` GPUs.
+
+    `validate` asks whether *this* machine has Transformer Engine before allowing cp > 1;
+    the planner targets a GPU cluster with TE, so that one environment check is left out:
+    CP is folded into the world size handed to validate (dp = gpus / (tp*pp*cp) is
+    unchanged) and the CP/EP rules that depend on cp are checked here instead.
+    """
+    if layout.recompute not in RECOMPUTE:
+        raise ConfigError(f"recompute={layout.recompute!r} is not one of {list(RECOMPUTE)}")
+    if layout.vpp is not None and layout.vpp < 2:
+        raise ConfigError(f"vpp={layout.vpp}: use vpp >= 2 (or leave it out for plain 1F1B)")
+    if num_gpus % layout.model_parallel:
+        raise ConfigError(
+            f"{num_gpus} GPUs are not divisible by tp*pp*cp={layout.tp}*{layout.pp}*{layout.cp}="
+            f"{layout.model_parallel}"
+        )
+    if layout.cp > 1 and job.seq_len % (2 * layout.cp):
+        raise ConfigError(f"seq_len={job.seq_len} must be divisible by 2*cp={2 * layout.cp}")
+    if (layout.dp(num_gpus) * layout.cp) % layout.ep:
+        raise ConfigError(f"ep={layout.ep} must divide dp*cp={layout.dp(num_gpus) * layout.cp}")
+    cfg = run_config(job, dataclasses.replace(layout, cp=1, ep=1))
+    validate(cfg, num_gpus // layout.cp)

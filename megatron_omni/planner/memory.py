@@ -1,0 +1,211 @@
+"""Per-GPU memory of one layout: model states, FP8 weight copies, activations.
+
+Model states (per parameter held by the GPU, after TP/PP sharding), from the Megatron
+Core distributed-optimizer docs ("Distributed Optimizer", theoretical bytes per
+parameter with d = data-parallel size): bf16 params + fp32 grads = 6 + 12/d, bf16 params
++ bf16 grads = 4 + 16/d.  That is bf16 weights (2), the gradient buffer (4 or 2), and the
+fp32 master weights (4) + Adam m and v (8) [+ an fp32 main-grad shard (4) when the
+buffer is bf16] sharded over the data-parallel group.  megatron-core shards over
+dp*cp (context-parallel ranks hold the same weights and reduce gradients together), so
+d = dp*cp here.  megatron-omni's DDP uses grad_reduce_in_fp32=True (training/setup.py).
+
+Activations follow the per-layer accounting of Korthikanti et al., "Reducing
+Activation Recomputation in Large Transformer Models" (2022): a GPT layer stores
+``s*b*h*(34 + 5*a*s/h)`` bytes; tensor + sequence parallelism divide all of it by t;
+selective recomputation (of core attention) removes the ``5*a*s^2*b`` term, and
+flash attention never materialises it in the first place.  The 34 is for GPT (4h GeLU
+MLP, LayerNorm, dropout); the same bookkeeping for a Llama layer (RMSNorm, GQA, SwiGLU
+with ffn_hidden_size f, no dropout, flash attention), in bytes per token:
+
+    attention:  norm input 2h + QKV GEMM input 2h + Q 2h + K,V 4*g*d + output O 2h
+    MLP:        norm input 2h + fc1 GEMM input 2h + SwiGLU input 4f + fc2 GEMM input 2f
+
+i.e. 12h + 4gd + 6f (33.5h for Llama-3-70B, close to the paper's 34h).  With FP8
+(Transformer Engine) each GEMM keeps its FP8-cast input for the weight-gradient GEMM,
+1 byte instead of 2 (plus an FP8 copy of O next to the bf16 O that flash attention
+keeps).  Full recomputation keeps only each layer's 2h input, plus one layer's working
+set while it is recomputed.
+
+Pipeline: the first rank holds the most microbatches in flight.  Megatron's 1F1B runs
+pp - r - 1 warmup forwards on rank r (so rank 0 keeps pp microbatches of its L/pp
+layers, i.e. L layers' worth); the interleaved schedule runs 2(pp - r - 1) + (v - 1)pp
+warmup chunk-forwards, which for rank 0 is the (1 + (pp-1)/(pp*v)) factor of Megatron-LM's
+`theoretical_memory_usage.py`.  The last rank holds the output layer and the logits
+(bf16 logits + the fp32 softmax the vocab-parallel cross entropy keeps) for one
+microbatch.  Both ranks are computed; the larger one is the layout's memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+from megatron_omni.config.schema import ModelConfig
+from megatron_omni.planner.cluster import GIB
+from megatron_omni.planner.layout import Job, Layout
+
+
+@dataclass(frozen=True)
+class MemoryAssumptions:
+    flash_attention: bool = True  # TE fused/flash attention: no s^2 tensors are stored
+    grad_fp32: bool = True  # fp32 gradient buffer (megatron-omni: grad_reduce_in_fp32=True)
+    distributed_optimizer: bool = True
+    # TE keeps an FP8 copy of every GEMM weight and of its transpose across microbatches
+    # (Hopper FP8 GEMMs take only the TN layout), 1 byte each.
+    fp8_weight_cache_bytes: float = 2.0
+    # CUDA context, cuBLAS/TE workspaces, NCCL and userbuffer communication buffers.
+    overhead_gib: float = 2.0
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Full (unsharded) parameter counts of a Llama decoder at a given TP (vocab padding)."""
+
+    layer_sharded: int  # per layer: QKV, output projection, fc1 (gate+up), fc2 -- split over TP
+    layer_replicated: int  # per layer: the two RMSNorm weights -- replicated on every TP rank
+    embedding: int  # padded_vocab x hidden
+    output: int  # padded_vocab x hidden when untied, else 0
+    final_norm: int
+    num_layers: int
+
+    @property
+    def total(self) -> int:
+        return (self.num_layers * (self.layer_sharded + self.layer_replicated)
+                + self.embedding + self.output + self.final_norm)
+
+
+def param_counts(model: ModelConfig, tp: int = 1) -> ParamCounts:
+    h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
+    q, kv = model.num_attention_heads * d, model.num_query_groups * d
+    vocab = model.padded_vocab_size(tp)
+    return ParamCounts(
+        layer_sharded=h * (q + 2 * kv) + q * h + h * 2 * f + f * h,
+        layer_replicated=2 * h,
+        embedding=vocab * h,
+        output=0 if model.tie_word_embeddings else vocab * h,
+        final_norm=h,
+        num_layers=model.num_layers,
+    )
+
+
+def stage_params_per_gpu(model: ModelConfig, layout: Layout, rank: int) -> Dict[str, int]:
+    """Parameters held by one GPU of pipeline rank `rank`: {'linear': TP-sharded GEMM
+    weights, 'other': norms + embedding/output shards}."""
+    pc = param_counts(model, layout.tp)
+    layers = model.num_layers // layout.pp
+    first, last = rank == 0, rank == layout.pp - 1
+    linear = layers * pc.layer_sharded // layout.tp
+    other = layers * pc.layer_replicated
+    if first:
+        other += pc.embedding // layout.tp
+    if last:
+        other += pc.final_norm
+        # Tied embeddings still need the output weight on the last stage when pp > 1
+        # (megatron keeps a copy there and all-reduces its gradient with the first stage).
+        if pc.output or (layout.pp > 1 and model.tie_word_embeddings):
+            other += pc.embedding // layout.tp
+    return {"linear": linear, "other": other}
+
+
+def model_state_bytes_per_param(dp_shards: int, a: MemoryAssumptions) -> Dict[str, float]:
+    """Bytes per locally held parameter: weights, gradient buffer, optimizer (sharded over dp_shards)."""
+    grad = 4.0 if a.grad_fp32 else 2.0
+    opt = 12.0 + (0.0 if a.grad_fp32 else 4.0)  # fp32 master + Adam m, v (+ fp32 main-grad shard)
+    if a.distributed_optimizer:
+        opt /= dp_shards
+    return {"weights": 2.0, "grads": grad, "optimizer": opt}
+
+
+def layer_activation_bytes_per_token(model: ModelConfig, job: Job, layout: Layout, a: MemoryAssumptions) -> float:
+    """Bytes one decoder layer keeps per (local) token for its backward, before TP/SP division."""
+    h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
+    q, kv = model.num_attention_heads * d, model.num_query_groups * d
+    gemm_in = 1.0 if job.fp8 else 2.0
+    attention = 2 * h + gemm_in * h + 2 * q + 2 * 2 * kv + 2 * q + (q if job.fp8 else 0)
+    mlp = 2 * h + gemm_in * h + 2 * 2 * f + gemm_in * f
+    dropout_masks = 2 * h if model.hidden_dropout > 0 else 0  # 1-byte masks after attention and MLP
+    core = 0.0
+    if not a.flash_attention and layout.recompute == "none":
+        # softmax output (2 bytes), + dropout mask and output (3 bytes) with attention dropout:
+        # the paper's 5*a*s^2*b, per token: heads * s_kv * bytes
+        per_score = 2 + (3 if model.attention_dropout > 0 else 0)
+        core = model.num_attention_heads * job.seq_len * per_score
+    return attention + mlp + dropout_masks + core
+
+
+def in_flight_layers(model: ModelConfig, layout: Layout, num_microbatches: int, rank: int) -> float:
+    """Layers' worth of one microbatch's activations rank `rank` holds at the peak of its schedule."""
+    pp, v, m = layout.pp, layout.v, num_microbatches
+    if pp == 1:
+        return float(model.num_layers)  # forward then backward of each microbatch
+    if layout.vpp is None:
+        return min(m, pp - rank) * (model.num_layers / pp)
+    total_chunks = m * v
+    warmup = total_chunks if m == pp else (pp - rank - 1) * 2 + (v - 1) * pp
+    return min(total_chunks, warmup + 1) * (model.num_layers / (pp * v))
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    rank: str  # "first" | "last" pipeline rank (the larger one is reported)
+    params: int  # parameters held by this GPU
+    weights_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    fp8_gib: float
+    activations_gib: float
+    overhead_gib: float
+
+    @property
+    def total_gib(self) -> float:
+        return (self.weights_gib + self.grads_gib + self.optimizer_gib + self.fp8_gib
+                + self.activations_gib + self.overhead_gib)
+
+    def as_dict(self) -> Dict[str, float]:
+        return {
+            "rank": self.rank, "params": self.params,
+            "weights_gib": round(self.weights_gib, 3), "grads_gib": round(self.grads_gib, 3),
+            "optimizer_gib": round(self.optimizer_gib, 3), "fp8_gib": round(self.fp8_gib, 3),
+            "activations_gib": round(self.activations_gib, 3), "overhead_gib": round(self.overhead_gib, 3),
+            "total_gib": round(self.total_gib, 3),
+        }
+
+
+def _rank_memory(job: Job, layout: Layout, num_gpus: int, rank: int, a: MemoryAssumptions) -> MemoryBreakdown:
+    model = job.model
+    params = stage_params_per_gpu(model, layout, rank)
+    n = params["linear"] + params["other"]
+    per_param = model_state_bytes_per_param(layout.dp(num_gpus) * layout.cp, a)
+    fp8 = params["linear"] * a.fp8_weight_cache_bytes if job.fp8 else 0.0
+
+    tokens = layout.micro_batch * job.seq_len / layout.cp  # local tokens of one microbatch
+    sp = layout.tp  # sequence parallel (on whenever tp > 1) divides every stored tensor by t
+    layers = in_flight_layers(model, layout, layout.num_microbatches(num_gpus, job.global_batch), rank)
+    full_layer = layer_activation_bytes_per_token(model, job, layout, a) * tokens / sp
+    if layout.recompute == "full":
+        act = layers * (2 * model.hidden_size) * tokens / sp + full_layer  # checkpoints + one live layer
+    else:
+        act = layers * full_layer
+    if rank == layout.pp - 1:
+        vocab = model.padded_vocab_size(layout.tp)
+        # final-norm input + output-layer input (2 bytes each), bf16 logits + fp32 softmax (6 bytes)
+        act += tokens * (4 * model.hidden_size + 6 * vocab) / layout.tp
+    return MemoryBreakdown(
+        rank="first" if rank == 0 else "last",
+        params=n,
+        weights_gib=n * per_param["weights"] / GIB,
+        grads_gib=n * per_param["grads"] / GIB,
+        optimizer_gib=n * per_param["optimizer"] / GIB,
+        fp8_gib=fp8 / GIB,
+        activations_gib=act / GIB,
+        overhead_gib=a.overhead_gib,
+    )
+
+
+def estimate_memory(job: Job, layout: Layout, num_gpus: int, a: MemoryAssumptions = MemoryAssumptions()) -> MemoryBreakdown:
+    """Memory of the fuller of the first and last pipeline ranks (middle ranks hold less)."""
+    first = _rank_memory(job, layout, num_gpus, 0, a)
+    if layout.pp == 1:
+        return first
+    last = _rank_memory(job, layout, num_gpus, layout.pp - 1, a)
+    return max(first, last, key=lambda m: m.total_gib)

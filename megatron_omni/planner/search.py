@@ -1,0 +1,133 @@
+"""Enumerate legal layouts, price them, keep those that fit, rank by tokens/s/GPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from megatron_omni.config.loader import ConfigError
+from megatron_omni.config.schema import ModelConfig
+from megatron_omni.planner.cluster import Cluster
+from megatron_omni.planner.layout import RECOMPUTE, Job, Layout, check_layout
+from megatron_omni.planner.memory import MemoryAssumptions, MemoryBreakdown, estimate_memory
+from megatron_omni.planner.timing import Efficiency, Overlap, TimeBreakdown, estimate_step
+from megatron_omni.training import flops as F
+
+MICRO_BATCHES = (1, 2, 4)
+CP_SIZES = (1, 2, 4, 8)
+# Usable fraction of GPU memory.  0.95, not 0.9: the memory model is an upper bound (every
+# tensor counted at its peak), and Megatron-Bridge's Llama-3-70B FP8 TP4/PP8/VP5 layout,
+# which runs on 80 GB H100s, is priced at 75.4 of 79.6 GiB (94.8 %).
+DEFAULT_HEADROOM = 0.95
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    efficiency: Efficiency = Efficiency()
+    overlap: Overlap = Overlap()
+    memory: MemoryAssumptions = MemoryAssumptions()
+    headroom: float = DEFAULT_HEADROOM  # usable fraction of GPU memory (allocator fragmentation)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    layout: Layout
+    dp: int
+    memory: MemoryBreakdown
+    time: TimeBreakdown
+    tokens_per_s_per_gpu: float
+    tflops_per_gpu: float
+    mfu: Optional[float]
+    fits: bool
+    flops_per_token: float
+
+    def as_dict(self) -> Dict:
+        lay = self.layout
+        return {
+            "tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "cp": lay.cp, "dp": self.dp, "ep": lay.ep,
+            "micro_batch": lay.micro_batch, "recompute": lay.recompute,
+            "num_microbatches": self.time.num_microbatches,
+            "memory_gib_per_gpu": round(self.memory.total_gib, 2),
+            "tokens_per_s_per_gpu": round(self.tokens_per_s_per_gpu, 1),
+            "tflops_per_gpu": round(self.tflops_per_gpu, 1),
+            "mfu": None if self.mfu is None else round(self.mfu, 4),
+            "step_time_s": round(self.time.step_s, 4),
+            "fits": self.fits,
+            "flops_per_token": self.flops_per_token,
+            "memory": self.memory.as_dict(),
+            "time": self.time.as_dict(),
+        }
+
+
+def evaluate(job: Job, layout: Layout, cluster: Cluster, assumptions: Assumptions = Assumptions()) -> Estimate:
+    """Price one layout (which must already pass `check_layout`)."""
+    n = cluster.num_gpus
+    mem = estimate_memory(job, layout, n, assumptions.memory)
+    t = estimate_step(job, layout, cluster, assumptions.efficiency, assumptions.overlap, assumptions.memory)
+    step_flops = F.llm_flops_per_step(job.model, job.global_batch, job.seq_len, tp=layout.tp)
+    tflops = step_flops / t.step_s / n / 1e12
+    return Estimate(
+        layout=layout,
+        dp=layout.dp(n),
+        memory=mem,
+        time=t,
+        tokens_per_s_per_gpu=job.global_batch * job.seq_len / t.step_s / n,
+        tflops_per_gpu=tflops,
+        mfu=F.mfu(tflops, cluster.gpu.name, job.precision),
+        fits=mem.total_gib <= cluster.gpu.memory_gib * assumptions.headroom,
+        flops_per_token=step_flops / (job.global_batch * job.seq_len),
+    )
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def ep_choices(model: ModelConfig) -> Sequence[int]:
+    """Expert-parallel sizes to try.  The schema has no MoE fields yet: dense models get ep=1;
+    an MoE config would return the divisors of its expert count here."""
+    experts = getattr(model, "num_moe_experts", None)
+    return _divisors(experts) if experts else (1,)
+
+
+def candidates(job: Job, cluster: Cluster) -> Iterator[Layout]:
+    """Every combination in the search space (legal or not; `check_layout` filters)."""
+    n, layers = cluster.num_gpus, job.model.num_layers
+    tps = [t for t in _divisors(min(8, cluster.gpus_per_node)) if n % t == 0]
+    for tp in tps:
+        for cp in (c for c in CP_SIZES if n % (tp * c) == 0):
+            for pp in (p for p in _divisors(layers) if n % (tp * cp * p) == 0):
+                vpps: List[Optional[int]] = [None]
+                if pp > 1:
+                    vpps += [v for v in _divisors(layers // pp) if v > 1]
+                for vpp in vpps:
+                    for ep in ep_choices(job.model):
+                        for mbs in MICRO_BATCHES:
+                            for rc in RECOMPUTE:
+                                yield Layout(tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, micro_batch=mbs, recompute=rc)
+
+
+@dataclass
+class SearchResult:
+    feasible: List[Estimate] = field(default_factory=list)  # ranked, best first
+    infeasible: List[Estimate] = field(default_factory=list)  # legal but over memory, smallest first
+    rejected: int = 0  # combinations megatron would refuse
+
+
+def rank_key(e: Estimate) -> Tuple[float, float]:
+    return (-e.tokens_per_s_per_gpu, e.memory.total_gib)
+
+
+def search(job: Job, cluster: Cluster, assumptions: Assumptions = Assumptions()) -> SearchResult:
+    out = SearchResult()
+    for layout in candidates(job, cluster):
+        try:
+            check_layout(job, layout, cluster.num_gpus)
+        except ConfigError:
+            out.rejected += 1
+            continue
+        est = evaluate(job, layout, cluster, assumptions)
+        (out.feasible if est.fits else out.infeasible).append(est)
+    out.feasible.sort(key=rank_key)
+    out.infeasible.sort(key=lambda e: e.memory.total_gib)
+    return out
