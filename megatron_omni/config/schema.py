@@ -133,6 +133,9 @@ class TrainConfig:
     finetune: bool = False  # load weights only: fresh optimizer, scheduler, step and data position
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     log_interval: int = 1
+    # megatron timers in every metrics row and log line (None = off): 0 step, 1 + schedule and
+    # optimizer, 2 + per-microbatch compute / p2p / data wait (syncs the GPU: for profiling).
+    timing_log_level: Optional[int] = None
     eval_interval: Optional[int] = None
     eval_iters: int = 2
     tensorboard: bool = True

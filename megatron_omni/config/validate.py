@@ -97,6 +97,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             f"interleaved pipeline needs the number of microbatches ({num_micro}) to be a multiple of "
             f"parallel.pp={p.pp}; change train.global_batch_size"
         )
+    if t.timing_log_level is not None and t.timing_log_level not in (0, 1, 2):
+        raise ConfigError(f"train.timing_log_level must be null, 0, 1 or 2, got {t.timing_log_level}")
     if t.steps < 1:
         raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
     if cfg.data.seq_length % max(1, 2 * p.cp) and p.cp > 1:

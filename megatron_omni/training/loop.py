@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -16,7 +16,7 @@ from megatron_omni.models.llama import build_llama_chunks
 from megatron_omni.parallel.initialize import initialize_distributed, set_random_seeds
 from megatron_omni.training import flops
 from megatron_omni.training.checkpoint import load_checkpoint, save_checkpoint
-from megatron_omni.training.metrics import MetricsWriter, progress_line
+from megatron_omni.training.metrics import MetricsWriter, progress_line, timers_line
 from megatron_omni.training.preemption import PreemptionHandler
 from megatron_omni.training.setup import (
     ParamGroupHook,
@@ -28,6 +28,9 @@ from megatron_omni.training.setup import (
 )
 from megatron_omni.training.step import gpt_forward_step, reduce_losses, run_schedule, train_step
 from megatron_omni.training.text_data import build_text_data, chunk_iterators
+
+if TYPE_CHECKING:
+    from megatron_omni.profiling import StepProfiler
 
 log = logging.getLogger("megatron_omni.train")
 
@@ -78,7 +81,19 @@ def pretrain(
     *,
     forward_step_func: Callable = gpt_forward_step,
     param_group_hook: Optional[ParamGroupHook] = None,
+    profiler: Optional["StepProfiler"] = None,
 ) -> TrainState:
+    """Train `cfg.train.steps` steps.
+
+    `profiler` (megatron_omni.profiling.StepProfiler) switches on megatron timers (rows of
+    metrics.jsonl then carry `timers`: ms per timer, max over ranks) and an optional
+    torch.profiler window; without one, `train.timing_log_level` turns on the timers alone.
+    Without either, nothing is timed beyond the step wall time and rows keep their default keys.
+    """
+    if profiler is None and cfg.train.timing_log_level is not None:
+        from megatron_omni.profiling.profiler import StepProfiler, options_for_training
+
+        profiler = StepProfiler(options_for_training(cfg.train.timing_log_level))
     state = build_train_state(cfg, param_group_hook)
     t = cfg.train
     is_logger = dist.get_rank() == 0
@@ -98,6 +113,14 @@ def pretrain(
     device = flops.detect_device()
     precision = "fp8" if cfg.model.fp8 else {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
         params_dtype(t.precision)]
+    if profiler is not None:
+        profiler.attach(cfg, state, meta=dict(
+            world=world, tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, cp=cfg.parallel.cp,
+            dp=data_parallel_size(cfg, world), num_microbatches=num_microbatches(cfg),
+            micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+            seq_length=cfg.data.seq_length, flops_per_step=step_flops, device=device, precision=precision,
+        ))
+        iterators = profiler.wrap_iterators(iterators)
     log.info(
         "training %d steps | world %d = tp %d x pp %d x cp %d x dp %d | %d microbatches/step | %.3e FLOPs/step",
         t.steps, world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp,
@@ -105,6 +128,8 @@ def pretrain(
     )
     run_start, steps_run = time.time(), 0
     while state.step < t.steps:
+        if profiler is not None:
+            profiler.step_begin(state.step + 1)
         start = time.time()
         result = train_step(
             state, iterators, num_microbatches=num_microbatches(cfg), seq_length=cfg.data.seq_length,
@@ -122,6 +147,8 @@ def pretrain(
             "tflops_per_gpu": tflops, "mfu": flops.mfu(tflops, device, precision),
             "consumed_samples": state.consumed_samples,
         }
+        if profiler is not None:
+            row["timers"] = profiler.step_end(state.step, row)  # collective: every rank takes part
         if t.eval_interval and state.step % t.eval_interval == 0 and data.valid is not None:
             row["val_loss"] = evaluate(cfg, state, data.valid, forward_step_func)
         if is_logger:
@@ -133,15 +160,20 @@ def pretrain(
                     step_time_s=step_time, tokens_per_s=tokens_per_s, tflops_per_gpu=tflops, mfu=row["mfu"],
                     consumed_samples=state.consumed_samples, eta_s=eta,
                 ) + (f" | val loss: {row['val_loss']:.6E}" if "val_loss" in row else ""))
+                if row.get("timers"):
+                    log.info(timers_line(row["timers"]))
         stop = preemption.should_stop()
         exiting = stop or (t.exit_interval is not None and state.step >= t.exit_interval)
-        if (t.save_interval and state.step % t.save_interval == 0) or exiting or state.step == t.steps:
+        saving = profiler is None or profiler.save_checkpoints
+        if saving and ((t.save_interval and state.step % t.save_interval == 0) or exiting or state.step == t.steps):
             save_checkpoint(state, root, keep_last=t.keep_last_checkpoints,
                             optimizer_sharding=t.ckpt_optimizer_sharding)
             log.info("saved checkpoint at step %d to %s", state.step, root)
         if exiting:
             log.info("exiting after step %d (%s)", state.step, "SIGTERM" if stop else "train.exit_interval")
             break
+    if profiler is not None:
+        profiler.close()
     preemption.restore()
     metrics.close()
     return state

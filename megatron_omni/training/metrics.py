@@ -84,3 +84,9 @@ def progress_line(
         parts.append(f"MFU: {100 * mfu:.1f}%")
     parts.append(f"ETA {format_eta(eta_s)}")
     return " | ".join(parts)
+
+
+def timers_line(timers: Dict[str, float]) -> str:
+    """Megatron-LM's timer log: `(max over ranks) times (ms) | name: value | ...` in the given order."""
+    parts = [f"{name}: {ms:.2f}" for name, ms in timers.items()]
+    return " | ".join(["(max over ranks) times (ms)", *parts])

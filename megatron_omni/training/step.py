@@ -109,7 +109,14 @@ def train_step(
         micro_batch_size=micro_batch_size, forward_only=False, forward_step_func=forward_step_func,
     )
     lr = state.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+    # Megatron-LM's 'optimizer' timer (megatron_omni.profiling installs the timers; None = off).
+    config = state.model[0].config
+    timers = config.timers
+    if timers is not None:
+        timers("optimizer", log_level=1).start(barrier=config.barrier_with_L1_time)
     update_successful, grad_norm, _ = state.optimizer.step()
+    if timers is not None:
+        timers("optimizer").stop()
     if update_successful:
         state.scheduler.step(increment=1)
     total = reduce_losses(losses_reduced)

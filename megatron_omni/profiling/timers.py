@@ -1,0 +1,122 @@
+"""Megatron timers for the training loop, each one also a `torch.profiler` range.
+
+`StepTimers` is megatron-core's `Timers` (same names, log levels, barriers, so the
+schedules, DDP's finalize_model_grads and the optimizer record into it exactly as in
+Megatron-LM) whose timers additionally open a `record_function` range while they run
+when a torch profiler is active.  The Chrome trace then shows `forward-compute`,
+`all-grads-sync`, ... as annotations, and the trace analysis attributes every
+collective to the timer it ran under (TP inside compute, DP inside grad sync, PP in
+the p2p timers).
+
+Timer names (megatron-core 0.16 unless noted) and log levels:
+  level 0  train-step (ours: the whole `train_step`, loss reduction included)
+  level 1  forward-backward (schedule, grad sync included), all-grads-sync,
+           embedding-grads-all-reduce, non-tensor-parallel-grads-all-reduce,
+           conditional-embedder-grads-all-reduce, optimizer (ours, as Megatron-LM's
+           training.py), optimizer-copy-to-main-grad, optimizer-unscale-and-check-inf,
+           optimizer-clip-main-grad, optimizer-count-zeros, optimizer-inner-step,
+           optimizer-copy-main-to-model-params, params-all-gather
+  level 2  forward-compute, backward-compute (per microbatch, summed), the p2p timers
+           forward-recv/-send, backward-recv/-send and the combined send-recv ones,
+           data-wait (ours: fetching microbatches, part of forward-compute)
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from megatron.core.timers import Timer, Timers
+
+TRAIN_STEP = "train-step"
+DATA_WAIT = "data-wait"
+OPTIMIZER = "optimizer"
+FORWARD_BACKWARD = "forward-backward"
+FORWARD_COMPUTE = "forward-compute"
+BACKWARD_COMPUTE = "backward-compute"
+
+P2P_TIMERS = (
+    "forward-recv", "forward-send", "backward-recv", "backward-send",
+    "forward-send-backward-recv", "backward-send-forward-recv",
+    "forward-send-forward-recv", "backward-send-backward-recv",
+    "forward-backward-send-forward-backward-recv",
+)
+DP_GRAD_SYNC_TIMERS = ("all-grads-sync",)
+OTHER_GRAD_SYNC_TIMERS = (
+    "embedding-grads-all-reduce", "non-tensor-parallel-grads-all-reduce",
+    "conditional-embedder-grads-all-reduce",
+)
+GRAD_SYNC_TIMERS = DP_GRAD_SYNC_TIMERS + OTHER_GRAD_SYNC_TIMERS
+OPTIMIZER_TIMERS = (
+    "optimizer-copy-to-main-grad", "optimizer-unscale-and-check-inf", "optimizer-clip-main-grad",
+    "optimizer-count-zeros", "optimizer-inner-step", "optimizer-copy-main-to-model-params",
+    "params-all-gather",
+)
+# Display order for logs and metrics rows; timers not listed follow alphabetically.
+TIMER_ORDER = (
+    TRAIN_STEP, FORWARD_BACKWARD, FORWARD_COMPUTE, BACKWARD_COMPUTE, DATA_WAIT, *P2P_TIMERS,
+    *GRAD_SYNC_TIMERS, OPTIMIZER, *OPTIMIZER_TIMERS,
+)
+
+
+def ordered(names) -> List[str]:
+    rank = {n: i for i, n in enumerate(TIMER_ORDER)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+
+
+class RangeTimer(Timer):
+    """A megatron Timer that is also a profiler range while it runs (only when profiling)."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self._range = None
+
+    def start(self, barrier: bool = False):
+        super().start(barrier=barrier)
+        if torch.autograd._profiler_enabled():
+            self._range = torch.autograd.profiler.record_function(self.name)
+            self._range.__enter__()
+
+    def stop(self, barrier: bool = False):
+        if self._range is not None:
+            rng, self._range = self._range, None
+            rng.__exit__(None, None, None)
+        super().stop(barrier=barrier)
+
+
+class StepTimers(Timers):
+    """megatron `Timers` creating `RangeTimer`s; adds per-step reset and local readout."""
+
+    def __call__(self, name: str, log_level: Optional[int] = None):
+        fresh = name not in self._timers
+        timer = super().__call__(name, log_level)
+        if fresh and name in self._timers:
+            timer = self._timers[name] = RangeTimer(name)
+        return timer
+
+    def reset_all(self) -> None:
+        for timer in self._timers.values():
+            timer.reset()
+
+    def local_ms(self) -> Dict[str, float]:
+        """This rank's elapsed time per timer since the last reset, in ms (timers keep running)."""
+        return {name: 1e3 * timer.elapsed(reset=False) for name, timer in self._timers.items()}
+
+
+class TimedIterator:
+    """Wraps a microbatch iterator: each `next()` runs under the `data-wait` timer."""
+
+    def __init__(self, iterator: Iterator, timers: Timers):
+        self._iterator = iterator
+        self._timers = timers
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        timer = self._timers(DATA_WAIT, log_level=2)
+        timer.start()
+        try:
+            return next(self._iterator)
+        finally:
+            timer.stop()
