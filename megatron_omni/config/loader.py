@@ -152,6 +152,20 @@ def from_dict(cls: Type[T], data: Dict[str, Any], where: str = "") -> T:
     return cls(**kwargs)
 
 
+def load_section_file(cls: Type[T], path: str) -> T:
+    """One section's dataclass from its own YAML file (e.g. an encoder config), `base:` honoured."""
+    data = _resolve_section_files({"section": {"base": path}}, os.getcwd(), _SectionHolder.of(cls))["section"]
+    return from_dict(cls, data, os.path.basename(path))
+
+
+class _SectionHolder:
+    """A one-field dataclass around `cls`, so section-file resolution can be reused as is."""
+
+    @staticmethod
+    def of(cls: type) -> type:
+        return dataclasses.make_dataclass("SectionHolder", [("section", cls)])
+
+
 def _unknown_key_message(path: str, key: str, names: Sequence[str]) -> str:
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"

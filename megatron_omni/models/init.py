@@ -35,6 +35,7 @@ def init_weights_layout_invariant(chunks: Iterable[torch.nn.Module], model: Mode
     rank = parallel_state.get_tensor_model_parallel_rank()
     residual_std = model.init_method_std / math.sqrt(2.0 * model.num_layers)
     for chunk in chunks:
+        gated = layout.gated_fc1_weights(chunk)
         for name, param in layout.global_named_parameters(chunk):
             full_shape = layout.full_shape(param, tp)
             if name.endswith("layernorm.weight") or name.endswith("final_layernorm.weight"):
@@ -52,4 +53,4 @@ def init_weights_layout_invariant(chunks: Iterable[torch.nn.Module], model: Mode
                 rows = model.vocab_size  # padding rows stay zero
             full = torch.zeros(full_shape, dtype=torch.float32, device=param.device)
             full[:rows].normal_(0.0, std, generator=gen)
-            param.copy_(layout.shard(full, param, name, tp, rank))
+            param.copy_(layout.shard(full, param, tp, rank, gated=id(param) in gated))

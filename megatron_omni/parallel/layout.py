@@ -7,8 +7,9 @@ TP: how a full (single-rank) tensor maps onto tensor-parallel shards, and back.
 One rule set, used by layout-invariant init (full -> shard) and by gradient /
 weight gathering (shards -> full).  megatron marks TP-sharded parameters with
 `tensor_model_parallel` and `partition_dim`; shards are contiguous chunks along
-that dim, except the SwiGLU fc1 weight, which megatron stores as [gate; up] on
-every rank, i.e. rank r holds [gate_r; up_r].  QKV needs no special case:
+that dim, except a gated (SwiGLU) fc1 weight, which megatron stores as [gate; up] on
+every rank, i.e. rank r holds [gate_r; up_r]; which fc1 weights are gated is read from
+the owning MLP's config (`gated_fc1_weights`), not guessed from names.  QKV needs no special case:
 megatron orders it by GQA group ([q.., k, v] per group) and TP splits whole groups.
 """
 
@@ -45,8 +46,16 @@ def is_tp_sharded(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
-def _is_gated_fc1(name: str) -> bool:
-    return name.endswith("mlp.linear_fc1.weight")
+def gated_fc1_weights(chunk: torch.nn.Module) -> set:
+    """ids of the fc1 weights stored as [gate; up]: those of MLPs whose config says
+    gated_linear_unit (the Llama SwiGLU MLP is; a ViT's GELU MLP is not)."""
+    ids = set()
+    for module in unwrap(chunk).modules():
+        fc1 = getattr(module, "linear_fc1", None)
+        config = getattr(module, "config", None)
+        if fc1 is not None and getattr(config, "gated_linear_unit", False) and getattr(fc1, "weight", None) is not None:
+            ids.add(id(fc1.weight))
+    return ids
 
 
 def full_shape(param: torch.Tensor, tp: int) -> tuple:
@@ -56,18 +65,18 @@ def full_shape(param: torch.Tensor, tp: int) -> tuple:
     return tuple(shape)
 
 
-def shard(full: torch.Tensor, param: torch.Tensor, name: str, tp: int, rank: int) -> torch.Tensor:
-    """This TP rank's piece of the full tensor, in the layout of `param`."""
+def shard(full: torch.Tensor, param: torch.Tensor, tp: int, rank: int, *, gated: bool = False) -> torch.Tensor:
+    """This TP rank's piece of the full tensor, in the layout of `param` (`gated`: a [gate; up] fc1)."""
     if not is_tp_sharded(param) or tp == 1:
         return full
     dim = param.partition_dim
-    if _is_gated_fc1(name):
+    if gated:
         gate, up = full.chunk(2, dim=dim)
         return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
     return full.chunk(tp, dim=dim)[rank]
 
 
-def gather(local: torch.Tensor, param: torch.Tensor, name: str, group) -> torch.Tensor:
+def gather(local: torch.Tensor, param: torch.Tensor, group, *, gated: bool = False) -> torch.Tensor:
     """Inverse of `shard`: all-gather `local` (a tensor shaped like `param`) over the TP group."""
     tp = dist.get_world_size(group)
     if not is_tp_sharded(param) or tp == 1:
@@ -75,7 +84,7 @@ def gather(local: torch.Tensor, param: torch.Tensor, name: str, group) -> torch.
     pieces = [torch.empty_like(local) for _ in range(tp)]
     dist.all_gather(pieces, local.contiguous(), group=group)
     dim = param.partition_dim
-    if _is_gated_fc1(name):
+    if gated:
         gates, ups = zip(*(p.chunk(2, dim=dim) for p in pieces))
         return torch.cat(list(gates) + list(ups), dim=dim)
     return torch.cat(pieces, dim=dim)
@@ -88,9 +97,10 @@ def gather_full_model(chunks: Iterable[torch.nn.Module], *, grads: bool = False)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     mine: Dict[str, torch.Tensor] = {}
     for chunk in chunks:
+        gated = gated_fc1_weights(chunk)
         for name, param in global_named_parameters(chunk):
             local = param.main_grad if grads else param.data
-            full = gather(local.detach().float(), param, name, tp_group)
+            full = gather(local.detach().float(), param, tp_group, gated=id(param) in gated)
             if parallel_state.get_tensor_model_parallel_rank() == 0:
                 mine[name] = full.cpu().clone()
     keep = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0

@@ -1,0 +1,53 @@
+"""Audio connector: stack k adjacent encoder frames, then a 2-layer GELU MLP to the LLM width.
+
+Tensor parallel: fc1 is column-parallel, fc2 row-parallel (input already split), so the output
+is the full `out_hidden_size` on every TP rank.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import init_method_normal
+from torch import Tensor
+
+from megatron_omni.models.audio.config import AudioConfig, _ceil_div
+
+
+class AudioConnector(MegatronModule):
+    def __init__(self, audio: AudioConfig, config: TransformerConfig, in_size: int):
+        super().__init__(config=config)
+        self.k = audio.downsample_factor
+        hidden = audio.connector_hidden_size or audio.out_hidden_size
+        init = init_method_normal(audio.init_method_std)
+        self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
+            in_size * self.k, hidden, config=config, init_method=init, bias=True, gather_output=False,
+            skip_bias_add=False,
+        )
+        self.linear_fc2 = tensor_parallel.RowParallelLinear(
+            hidden, audio.out_hidden_size, config=config, init_method=init, bias=True, input_is_parallel=True,
+            skip_bias_add=False,
+        )
+
+    def forward(self, hidden: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        """hidden [B, T, d] (padded encoder frames), lengths [B] valid frames ->
+        (tokens [sum_i ceil(len_i / k), out_hidden_size] packed clip by clip, token_lengths [B])."""
+        B, T, d = hidden.shape
+        valid = torch.arange(T, device=hidden.device)[None, :] < lengths[:, None]
+        hidden = hidden * valid[..., None].to(hidden.dtype)  # the partial last group is zero-padded
+        pad = (-T) % self.k
+        if pad:
+            hidden = F.pad(hidden, (0, 0, 0, pad))
+        groups = hidden.reshape(B, (T + pad) // self.k, self.k * d)
+        token_lengths = _ceil_div(lengths, self.k)
+        keep = torch.arange(groups.shape[1], device=hidden.device)[None, :] < token_lengths[:, None]
+        x = groups[keep]  # [N, k*d], clip-major
+        x, _ = self.linear_fc1(x)
+        x = F.gelu(x)
+        x, _ = self.linear_fc2(x)
+        return x, token_lengths
