@@ -6,7 +6,7 @@ is the full `out_hidden_size` on every TP rank.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,3 +51,19 @@ class AudioConnector(MegatronModule):
         x = F.gelu(x)
         x, _ = self.linear_fc2(x)
         return x, token_lengths
+
+
+class ConnectedAudioEncoder(MegatronModule):
+    """Base of the audio encoders: each defines `encode(features, lengths) -> (hidden [B, T, d],
+    encoder lengths [B])` and a `connector` (or None); forward adds the connector, valid tokens only."""
+
+    connector: Optional[AudioConnector]
+
+    def forward(self, features: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """-> (audio tokens [sum_i audio_token_count(len_i), out_hidden_size] packed clip by clip,
+        token_lengths [B])."""
+        hidden, enc_lengths = self.encode(features, lengths)
+        if self.connector is None:
+            valid = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < enc_lengths[:, None]
+            return hidden[valid], enc_lengths
+        return self.connector(hidden, enc_lengths)

@@ -25,11 +25,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.module import MegatronModule
 from torch import Tensor, nn
 
 from megatron_omni.models.audio.config import AudioConfig, encoder_frame_count
-from megatron_omni.models.audio.connector import AudioConnector
+from megatron_omni.models.audio.connector import AudioConnector, ConnectedAudioEncoder
 from megatron_omni.models.audio.whisper import sinusoids
 
 
@@ -92,7 +91,7 @@ class SANMLayer(nn.Module):
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
-class SANMEncoder(MegatronModule):
+class SANMEncoder(ConnectedAudioEncoder):
     def __init__(self, audio: AudioConfig, config: TransformerConfig, with_connector: bool = True):
         super().__init__(config=config)
         if audio.encoder_type != "sanm":
@@ -121,11 +120,3 @@ class SANMEncoder(MegatronModule):
         for layer in self.layers:
             x = layer(x, valid)
         return self.final_layernorm(x), enc_lengths
-
-    def forward(self, features: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """-> (audio tokens [sum_i audio_token_count(len_i), out_hidden_size], token_lengths [B])."""
-        hidden, enc_lengths = self.encode(features, lengths)
-        if self.connector is None:
-            valid = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < enc_lengths[:, None]
-            return hidden[valid], enc_lengths
-        return self.connector(hidden, enc_lengths)

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from megatron_omni.models.encoder_config import bidirectional_encoder_config
 from megatron_omni.models.audio.config import AudioConfig, encoder_frame_count
-from megatron_omni.models.audio.connector import AudioConnector
+from megatron_omni.models.audio.connector import AudioConnector, ConnectedAudioEncoder
 
 
 def encoder_transformer_config(
@@ -89,7 +89,7 @@ def key_padding_mask(lengths: Tensor, max_len: int) -> Optional[Tensor]:
     return pad[:, None, None, :].expand(-1, 1, max_len, max_len)
 
 
-class WhisperStyleEncoder(MegatronModule):
+class WhisperStyleEncoder(ConnectedAudioEncoder):
     def __init__(self, audio: AudioConfig, config: Optional[TransformerConfig] = None, with_connector: bool = True):
         config = config or encoder_transformer_config(audio)
         super().__init__(config=config)
@@ -139,14 +139,6 @@ class WhisperStyleEncoder(MegatronModule):
         x = x.permute(2, 0, 1) + self.position_embedding[:T, None, :].to(x.dtype)  # [T, B, d] megatron layout
         x = self.decoder(hidden_states=x, attention_mask=key_padding_mask(enc_lengths, T))
         return x.transpose(0, 1), enc_lengths
-
-    def forward(self, features: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """-> (audio tokens [sum_i audio_token_count(len_i), out_hidden_size] packed clip by clip, token_lengths [B])."""
-        hidden, enc_lengths = self.encode(features, lengths)
-        if self.connector is None:
-            valid = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < enc_lengths[:, None]
-            return hidden[valid], enc_lengths
-        return self.connector(hidden, enc_lengths)
 
 
 def build_audio_encoder(audio: AudioConfig, params_dtype: torch.dtype = torch.float32) -> MegatronModule:
