@@ -58,6 +58,17 @@ class ConnectedAudioEncoder(MegatronModule):
     encoder lengths [B])` and a `connector` (or None); forward adds the connector, valid tokens only."""
 
     connector: Optional[AudioConnector]
+    audio: AudioConfig
+
+    def valid_lengths(self, features: Tensor, lengths: Optional[Tensor]) -> Tensor:
+        """Valid frames per clip ([B] long; None = every frame of `features` [B, n_mels, N]), bounded."""
+        B, _, N = features.shape
+        if lengths is None:
+            lengths = torch.full((B,), N, dtype=torch.long, device=features.device)
+        lengths = lengths.to(features.device).long()
+        if int(lengths.max()) > self.audio.max_input_frames:
+            raise ValueError(f"clip of {int(lengths.max())} frames exceeds max_input_frames={self.audio.max_input_frames}")
+        return lengths
 
     def forward(self, features: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """-> (audio tokens [sum_i audio_token_count(len_i), out_hidden_size] packed clip by clip,

@@ -107,11 +107,7 @@ class SANMEncoder(ConnectedAudioEncoder):
     def encode(self, features: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """features [B, n_mels, N], lengths [B] -> (hidden [B, T, d] (padded rows junk), enc_lengths [B])."""
         B, _, N = features.shape
-        if lengths is None:
-            lengths = torch.full((B,), N, dtype=torch.long, device=features.device)
-        lengths = lengths.to(features.device).long()
-        if int(lengths.max()) > self.audio.max_input_frames:
-            raise ValueError(f"clip of {int(lengths.max())} frames exceeds max_input_frames={self.audio.max_input_frames}")
+        lengths = self.valid_lengths(features, lengths)
         x, enc_lengths = lfr_stack(features, lengths, self.audio.lfr_m, self.audio.lfr_n)
         assert torch.equal(enc_lengths, encoder_frame_count(lengths, self.audio))
         T = x.shape[1]

@@ -125,11 +125,7 @@ class WhisperStyleEncoder(ConnectedAudioEncoder):
         """features [B, n_mels, N] (clips right-padded to N frames), lengths [B] valid frames (None = all N)
         -> (hidden [B, T, d] after the final LayerNorm, padded rows are junk; enc_lengths [B])."""
         B, _, N = features.shape
-        if lengths is None:
-            lengths = torch.full((B,), N, dtype=torch.long, device=features.device)
-        lengths = lengths.to(features.device).long()
-        if int(lengths.max()) > self.audio.max_input_frames:
-            raise ValueError(f"clip of {int(lengths.max())} frames exceeds max_input_frames={self.audio.max_input_frames}")
+        lengths = self.valid_lengths(features, lengths)
         frame_valid = (torch.arange(N, device=features.device)[None, :] < lengths[:, None]).to(features.dtype)
         x = F.gelu(self.conv1(features * frame_valid[:, None, :]))
         x = x * frame_valid[:, None, :]  # conv2 must see zeros past the clip, like its own padding
