@@ -1,0 +1,78 @@
+"""The microbatch the omni model consumes: packed token rows plus the media they reference.
+
+Contract between `megatron_omni.data` (which builds it) and `megatron_omni.models.omni`
+(which consumes it); every pipeline microbatch has the same [B, S] shape.
+
+* ``tokens`` [B, S] int64: text ids with every medium's placeholder span already expanded to the
+  number of encoder tokens it yields (``<image_pad>`` x t*h*w/m^2 per image, ``<video_pad>`` per
+  video, ``<audio_pad>`` x ``audio_token_count(frames)`` per clip), inside the medium's
+  ``<image>``/``</image>`` (etc.) markers.  Media appear in the tensors below in token order
+  (row-major over the batch).
+* ``labels`` [B, S] int64: next-token target of every position; ``loss_mask`` [B, S] float32 is 1
+  exactly on positions whose target is a discrete output token (paper Eq. 1).
+* ``position_ids`` [3, B, S] int64: M-RoPE (t, h, w) ids, restarting at 0 in every packed sample.
+* ``cu_seqlens`` int32 [n_segments + 1]: segment boundaries over the flattened B*S token stream;
+  a boundary at every row start, every packed sample is a segment, a row's padding tail is a
+  segment of its own.  Attention never crosses a boundary.
+* ``pixel_values`` [N, C*T*P*P] float32 + ``image_grid_thw`` [n_images, 3] (Qwen2-VL patch layout,
+  normalized); ``pixel_values_videos`` / ``video_grid_thw`` the same for videos.
+* ``audio_features`` [n_audio, T_max, F] float32 (log-mel fbank, zero padded) + ``audio_lengths``
+  [n_audio] int64 valid frames.
+* ``modality``: the modality this microbatch carries (the scheduler's unit, paper Sec. 3.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class OmniMicrobatch:
+    tokens: Tensor
+    labels: Tensor
+    loss_mask: Tensor
+    position_ids: Tensor
+    cu_seqlens: Tensor
+    pixel_values: Optional[Tensor] = None
+    image_grid_thw: Optional[Tensor] = None
+    pixel_values_videos: Optional[Tensor] = None
+    video_grid_thw: Optional[Tensor] = None
+    audio_features: Optional[Tensor] = None
+    audio_lengths: Optional[Tensor] = None
+    modality: str = "text"
+
+    def __post_init__(self):
+        B, S = self.tokens.shape
+        for name in ("labels", "loss_mask"):
+            if getattr(self, name).shape != (B, S):
+                raise ValueError(f"{name} shape {tuple(getattr(self, name).shape)} != tokens {(B, S)}")
+        if self.position_ids.shape != (3, B, S):
+            raise ValueError(f"position_ids shape {tuple(self.position_ids.shape)} != {(3, B, S)}")
+        cu = self.cu_seqlens
+        if cu.dim() != 1 or int(cu[0]) != 0 or int(cu[-1]) != B * S or bool((cu[1:] <= cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens must rise strictly from 0 to B*S={B * S}, got {cu.tolist()}")
+        row_starts = torch.arange(B, dtype=cu.dtype) * S
+        if not bool(torch.isin(row_starts, cu.cpu()).all()):
+            raise ValueError("cu_seqlens must have a boundary at every row start")
+
+    @property
+    def max_seqlen(self) -> int:
+        return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+
+    def segment_ids(self) -> Tensor:
+        """[B, S] index of the packed segment every token belongs to."""
+        lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+        seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+        return seg.view(self.tokens.shape)
+
+    def to(self, device, non_blocking: bool = False) -> "OmniMicrobatch":
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                moved[f.name] = value.to(device, non_blocking=non_blocking)
+        return replace(self, **moved)
