@@ -1,4 +1,7 @@
-"""The microbatch the omni model consumes: packed token rows plus the media they reference.
+"""One rendered sample, and the microbatch the omni model consumes (packed rows + media).
+
+`OmniSample` is what the sample builder (manifest row -> chat template -> decoded media) yields;
+the packer concatenates samples into the fixed-length rows of an `OmniMicrobatch`.
 
 Contract between `megatron_omni.data` (which builds it) and `megatron_omni.models.omni`
 (which consumes it); every pipeline microbatch has the same [B, S] shape.
@@ -28,6 +31,33 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+
+@dataclass
+class OmniSample:
+    """One sample, unpacked: the same fields as `OmniMicrobatch` for a single sequence of length L.
+
+    ``tokens`` / ``labels`` [L] int64, ``loss_mask`` [L] float32, ``position_ids`` [3, L] int64
+    starting at 0; media tensors as in `OmniMicrobatch` (only this sample's media, token order).
+    ``labels[i]`` is the target of position i (the next token; the last position's target is
+    masked).  ``sample_id`` names the manifest row (``path:line`` or its ``id``) for error messages.
+    """
+
+    tokens: Tensor
+    labels: Tensor
+    loss_mask: Tensor
+    position_ids: Tensor
+    pixel_values: Optional[Tensor] = None
+    image_grid_thw: Optional[Tensor] = None
+    pixel_values_videos: Optional[Tensor] = None
+    video_grid_thw: Optional[Tensor] = None
+    audio_features: Optional[Tensor] = None  # [n_audio, T_max, F]
+    audio_lengths: Optional[Tensor] = None
+    modality: str = "text"
+    sample_id: str = ""
+
+    def __len__(self) -> int:
+        return self.tokens.numel()
 
 
 @dataclass
