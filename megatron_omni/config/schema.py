@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from megatron_omni.models.audio.config import AudioConfig
+from megatron_omni.models.vision.config import VisionConfig
+
 
 @dataclass
 class ModelConfig:
@@ -52,11 +55,12 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
-    def padded_vocab_size(self, tp: int = 1) -> int:
-        """Vocabulary rounded up to a multiple of make_vocab_size_divisible_by * tp (Megatron-LM's
-        `_vocab_size_with_padding`): the width of the embedding/output layer that really runs."""
+    def padded_vocab_size(self, tp: int = 1, vocab_size: Optional[int] = None) -> int:
+        """Vocabulary (`vocab_size`, default `self.vocab_size`) rounded up to a multiple of
+        make_vocab_size_divisible_by * tp (Megatron-LM's `_vocab_size_with_padding`): the width of
+        the embedding/output layer that really runs."""
         multiple = self.make_vocab_size_divisible_by * tp
-        return -(-self.vocab_size // multiple) * multiple
+        return -(-(vocab_size or self.vocab_size) // multiple) * multiple
 
 
 @dataclass
@@ -118,6 +122,9 @@ class DataConfig:
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
+    # Random microbatches of the configured model's shapes (Megatron-LM's --mock-data); for the
+    # omni model: packed rows of every configured modality with random media.
+    mock: bool = False
 
 
 @dataclass
@@ -147,6 +154,33 @@ class TrainConfig:
     keep_last_checkpoints: Optional[int] = None  # None = keep all
 
 
+# Modules that can be frozen one by one (paper Table 2 "trainable modules" per stage).
+OMNI_MODULES = ("vision_encoder", "vision_connector", "audio_encoder", "audio_connector", "llm")
+
+
+@dataclass
+class OmniConfig:
+    """The omni model around the `model` (LLM) section: encoders, connectors, vocabulary, M-RoPE.
+
+    The LLM's embedding/output vocabulary is `OmniVocab(model.vocab_size, audio_codebook_size)`:
+    the text tokenizer's `model.vocab_size` ids + the omni special tokens + the audio codes.
+    """
+
+    vision: Optional[VisionConfig] = None  # NaViT + 2x2 merge MLP (Sec. 2.1); null = no vision
+    audio: Optional[AudioConfig] = None  # SAN-M / Whisper-style encoder + connector; null = no audio
+    # Discrete speech output tokens (Sec. 2.1 "Audio Decoder": CosyVoice speech tokens, 4096 codes).
+    audio_codebook_size: int = 4096
+    # M-RoPE (t, h, w) channel split of head_dim / 2 rotary frequencies (Qwen2-VL: [16, 24, 24]
+    # for head_dim 128); must sum to head_dim / 2.
+    mrope_section: List[int] = field(default_factory=lambda: [16, 24, 24])
+    freeze: List[str] = field(default_factory=list)  # subset of OMNI_MODULES
+
+    def __post_init__(self):
+        unknown = [m for m in self.freeze if m not in OMNI_MODULES]
+        if unknown:
+            raise ValueError(f"omni.freeze: unknown module(s) {unknown}; choose from {list(OMNI_MODULES)}")
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -154,3 +188,4 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    omni: Optional[OmniConfig] = None  # null = a text-only Llama run

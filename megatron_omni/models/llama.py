@@ -87,32 +87,39 @@ def layer_spec(kernels: Kernels) -> ModuleSpec:
     return get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
+def gpt_model_kwargs(
+    model: ModelConfig, parallel: ParallelConfig, *, seq_length: int, params_dtype: torch.dtype,
+    vocab_size: Optional[int] = None,
+) -> List[dict]:
+    """GPTModel constructor arguments of this rank's chunk(s); with virtual pipelining, one per
+    virtual stage.  `vocab_size` overrides `model.vocab_size` (the omni model's extended vocabulary)."""
+    kernels = detect_kernels(model.transformer_impl)
+    config = transformer_config(model, parallel, params_dtype, kernels)
+    spec = layer_spec(kernels)
+    vocab = model.padded_vocab_size(parallel.tp, vocab_size)
+    out = []
+    for vp_stage in range(parallel.vpp or 1):
+        vp: Optional[int] = vp_stage if parallel.vpp else None
+        out.append(dict(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab,
+            max_sequence_length=seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            parallel_output=True,
+            share_embeddings_and_output_weights=model.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(model.rotary_base),
+            rope_scaling=model.rope_scaling,
+            rope_scaling_factor=model.rope_scaling_factor,
+            vp_stage=vp,
+        ))
+    return out
+
+
 def build_llama_chunks(
     model: ModelConfig, parallel: ParallelConfig, *, seq_length: int, params_dtype: torch.dtype
 ) -> List[GPTModel]:
     """Build this rank's GPTModel chunk(s); with virtual pipelining, one per virtual stage."""
-    kernels = detect_kernels(model.transformer_impl)
-    config = transformer_config(model, parallel, params_dtype, kernels)
-    spec = layer_spec(kernels)
-    vocab = model.padded_vocab_size(parallel.tp)
-    chunks = []
-    for vp_stage in range(parallel.vpp or 1):
-        vp: Optional[int] = vp_stage if parallel.vpp else None
-        chunks.append(
-            GPTModel(
-                config=config,
-                transformer_layer_spec=spec,
-                vocab_size=vocab,
-                max_sequence_length=seq_length,
-                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-                parallel_output=True,
-                share_embeddings_and_output_weights=model.tie_word_embeddings,
-                position_embedding_type="rope",
-                rotary_base=int(model.rotary_base),
-                rope_scaling=model.rope_scaling,
-                rope_scaling_factor=model.rope_scaling_factor,
-                vp_stage=vp,
-            )
-        )
-    return chunks
+    return [GPTModel(**kw) for kw in gpt_model_kwargs(model, parallel, seq_length=seq_length, params_dtype=params_dtype)]

@@ -36,7 +36,8 @@ def global_named_parameters(chunk: torch.nn.Module) -> Iterator[Tuple[str, torch
     layers = getattr(getattr(chunk, "decoder", None), "layers", [])
     local_to_global = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(layers)}
     for name, param in chunk.named_parameters():
-        m = re.match(r"(.*decoder\.layers\.)(\d+)(\..*)", name)
+        # Only the backbone's own decoder is pipeline-split (encoders' blocks keep local names).
+        m = re.match(r"(decoder\.layers\.)(\d+)(\..*)", name)
         if m:
             name = m.group(1) + local_to_global[m.group(2)] + m.group(3)
         yield name, param
@@ -93,12 +94,15 @@ def gather(local: torch.Tensor, param: torch.Tensor, group, *, gated: bool = Fal
 def gather_full_model(chunks: Iterable[torch.nn.Module], *, grads: bool = False) -> Optional[Dict[str, torch.Tensor]]:
     """The full single-rank state (weights, or megatron `main_grad`s) of a model spread over
     TP x PP, on global rank 0 (None elsewhere).  For checks and debugging of small models:
-    it moves everything through rank 0 with object collectives."""
+    it moves everything through rank 0 with object collectives.  With `grads`, parameters that
+    do not train (frozen; no gradient buffer) are left out."""
     tp_group = parallel_state.get_tensor_model_parallel_group()
     mine: Dict[str, torch.Tensor] = {}
     for chunk in chunks:
         gated = gated_fc1_weights(chunk)
         for name, param in global_named_parameters(chunk):
+            if grads and not param.requires_grad:
+                continue
             local = param.main_grad if grads else param.data
             full = gather(local.detach().float(), param, tp_group, gated=id(param) in gated)
             if parallel_state.get_tensor_model_parallel_rank() == 0:

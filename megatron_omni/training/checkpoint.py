@@ -65,19 +65,23 @@ def _layout() -> Dict[str, int]:
     }
 
 
+def _per_rank_object(key: str, obj: Any) -> ShardedObject:
+    """`obj` saved once per (pp, tp, dp) rank; restored only at the same layout."""
+    pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
+    dp = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    lay = _layout()
+    return ShardedObject(key, obj, (lay["pp"], lay["tp"], lay["dp"]), (pp, tp, dp), replica_id=0)
+
+
 def _rng_object() -> ShardedObject:
     """This rank's RNG states (python, numpy, torch, megatron's TP tracker)."""
-    states = {
+    return _per_rank_object("rng_state", {
         "random": random.getstate(),
         "np": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
-    pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
-    dp = parallel_state.get_data_parallel_rank(with_context_parallel=True)
-    lay = _layout()
-    return ShardedObject("rng_state", states, (lay["pp"], lay["tp"], lay["dp"]), (pp, tp, dp), replica_id=0)
+    })
 
 
 def _restore_rng(states: Dict[str, Any]) -> None:
@@ -106,6 +110,8 @@ def _sharded_state_dict(state: TrainState, *, is_loading: bool, with_optimizer: 
         sd["train_state"] = {"step": state.step, "consumed_samples": state.consumed_samples}
     if with_rng:
         sd["rng_state"] = _rng_object()
+        if state.data_state is not None:  # this rank's data-loader position (omni loader)
+            sd["data_state"] = _per_rank_object("data_state", state.data_state)
     sd["layout"] = _layout()
     return sd
 
@@ -245,6 +251,8 @@ def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> 
         state.consumed_samples = loaded["train_state"]["consumed_samples"]
         if same_layout:
             _restore_rng(loaded["rng_state"])
+            if "data_state" in loaded:
+                state.data_state = loaded["data_state"]
     log.info(
         "loaded %s (%s; layout %s -> %s)", path, "weights only" if not with_optimizer else f"step {state.step}",
         common.get("layout"), _layout(),

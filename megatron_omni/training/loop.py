@@ -14,6 +14,7 @@ from megatron_omni.config import RunConfig, data_parallel_size, dump_config, val
 from megatron_omni.models.init import init_weights_layout_invariant
 from megatron_omni.models.llama import build_llama_chunks
 from megatron_omni.parallel.initialize import initialize_distributed, set_random_seeds
+from megatron_omni.parallel.layout import unwrap
 from megatron_omni.training import flops
 from megatron_omni.training.checkpoint import load_checkpoint, save_checkpoint
 from megatron_omni.training.metrics import MetricsWriter, progress_line, timers_line
@@ -45,8 +46,18 @@ def build_train_state(cfg: RunConfig, param_group_hook: Optional[ParamGroupHook]
     validate(cfg, dist.get_world_size())
     set_random_seeds(cfg.train.seed)
     dtype = params_dtype(cfg.train.precision)
-    chunks = build_llama_chunks(cfg.model, cfg.parallel, seq_length=cfg.data.seq_length, params_dtype=dtype)
-    init_weights_layout_invariant(chunks, cfg.model, cfg.train.seed)
+    if cfg.omni is not None:
+        from megatron_omni.models import omni
+
+        chunks = omni.build_omni_chunks(cfg.model, cfg.parallel, cfg.omni, seq_length=cfg.data.seq_length,
+                                        params_dtype=dtype)
+        omni.init_omni_weights_layout_invariant(chunks, cfg.model, cfg.omni, cfg.train.seed)
+        trainable = omni.apply_freeze(chunks, cfg.omni.freeze)
+        log.info("omni model: trainable parameters on this rank %s; frozen: %s",
+                 {k: v for k, v in trainable.items() if v}, cfg.omni.freeze or "none")
+    else:
+        chunks = build_llama_chunks(cfg.model, cfg.parallel, seq_length=cfg.data.seq_length, params_dtype=dtype)
+        init_weights_layout_invariant(chunks, cfg.model, cfg.train.seed)
     model = wrap_ddp(cfg, chunks, dtype)
     optimizer, scheduler = build_optimizer(cfg, model, dtype, param_group_hook)
     attach_schedule_hooks(model, optimizer)
@@ -101,10 +112,21 @@ def pretrain(
     if is_logger:
         os.makedirs(t.output_dir, exist_ok=True)
         dump_config(cfg, os.path.join(t.output_dir, "config.yaml"))
+    omni_data = None
+    if cfg.omni is not None:
+        from megatron_omni.training.omni_data import build_omni_data
+
+        omni_data = build_omni_data(cfg, unwrap(state.model[0]).vocab, len(state.model), num_microbatches(cfg))
+        state.data_state = omni_data.state_dict()  # asks the checkpoint for this rank's loader state
     if t.load:
         load_checkpoint(state, t.load, finetune=t.finetune)
-    data = build_text_data(cfg)
-    iterators = data.train_iterators(cfg, len(state.model), state.consumed_samples)
+    if omni_data is not None:
+        if state.step > 0:
+            omni_data.load_state_dict(state.data_state)
+        data, iterators = None, None
+    else:
+        data = build_text_data(cfg)
+        iterators = data.train_iterators(cfg, len(state.model), state.consumed_samples)
     metrics = MetricsWriter(t.output_dir, enabled=is_logger, tensorboard=t.tensorboard)
     preemption = PreemptionHandler()
 
@@ -120,7 +142,8 @@ def pretrain(
             micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
             seq_length=cfg.data.seq_length, flops_per_step=step_flops, device=device, precision=precision,
         ))
-        iterators = profiler.wrap_iterators(iterators)
+        if iterators is not None:
+            iterators = profiler.wrap_iterators(iterators)
     log.info(
         "training %d steps | world %d = tp %d x pp %d x cp %d x dp %d | %d microbatches/step | %.3e FLOPs/step",
         t.steps, world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp,
@@ -131,9 +154,14 @@ def pretrain(
         if profiler is not None:
             profiler.step_begin(state.step + 1)
         start = time.time()
+        step_iterators, step_forward = iterators, forward_step_func
+        if omni_data is not None:
+            step_iterators, step_forward = omni_data.step_iterators(state.step), omni_data.forward_step_func
+            if profiler is not None:
+                step_iterators = profiler.wrap_iterators(step_iterators)
         result = train_step(
-            state, iterators, num_microbatches=num_microbatches(cfg), seq_length=cfg.data.seq_length,
-            micro_batch_size=t.micro_batch_size, forward_step_func=forward_step_func,
+            state, step_iterators, num_microbatches=num_microbatches(cfg), seq_length=cfg.data.seq_length,
+            micro_batch_size=t.micro_batch_size, forward_step_func=step_forward,
         )
         step_time = time.time() - start
         state.step += 1
@@ -147,9 +175,11 @@ def pretrain(
             "tflops_per_gpu": tflops, "mfu": flops.mfu(tflops, device, precision),
             "consumed_samples": state.consumed_samples,
         }
+        if omni_data is not None:
+            row.update(omni_data.step_metrics(result.losses_reduced))  # collective
         if profiler is not None:
             row["timers"] = profiler.step_end(state.step, row)  # collective: every rank takes part
-        if t.eval_interval and state.step % t.eval_interval == 0 and data.valid is not None:
+        if t.eval_interval and state.step % t.eval_interval == 0 and data is not None and data.valid is not None:
             row["val_loss"] = evaluate(cfg, state, data.valid, forward_step_func)
         if is_logger:
             metrics.write(row)
@@ -159,13 +189,17 @@ def pretrain(
                     step=state.step, total=t.steps, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
                     step_time_s=step_time, tokens_per_s=tokens_per_s, tflops_per_gpu=tflops, mfu=row["mfu"],
                     consumed_samples=state.consumed_samples, eta_s=eta,
-                ) + (f" | val loss: {row['val_loss']:.6E}" if "val_loss" in row else ""))
+                ) + (f" | val loss: {row['val_loss']:.6E}" if "val_loss" in row else "")
+                  + "".join(f" | {m} loss: {v:.4E}" for m, v in row.get("losses", {}).items())
+                  + (f" | skipped samples: {row['skipped_samples']}" if row.get("skipped_samples") else ""))
                 if row.get("timers"):
                     log.info(timers_line(row["timers"]))
         stop = preemption.should_stop()
         exiting = stop or (t.exit_interval is not None and state.step >= t.exit_interval)
         saving = profiler is None or profiler.save_checkpoints
         if saving and ((t.save_interval and state.step % t.save_interval == 0) or exiting or state.step == t.steps):
+            if omni_data is not None:
+                state.data_state = omni_data.state_dict()
             save_checkpoint(state, root, keep_last=t.keep_last_checkpoints,
                             optimizer_sharding=t.ckpt_optimizer_sharding)
             log.info("saved checkpoint at step %d to %s", state.step, root)

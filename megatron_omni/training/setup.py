@@ -41,6 +41,9 @@ class TrainState:
     scheduler: OptimizerParamScheduler
     step: int = 0
     consumed_samples: int = 0
+    # Per-rank data-loader position of loaders that keep more than consumed_samples (the omni
+    # loader's per-modality streams); checkpointed per (pp, tp, dp) rank.
+    data_state: Optional[dict] = None
 
 
 def wrap_ddp(cfg: RunConfig, chunks: List[torch.nn.Module], dtype: torch.dtype) -> List[DistributedDataParallel]:

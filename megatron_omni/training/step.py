@@ -8,7 +8,7 @@ every TP/PP/DP layout and microbatch split, which the parallel tests rely on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Dict, Iterator, List, Optional
 
@@ -54,6 +54,7 @@ class StepResult:
     grad_norm: Optional[float]
     update_successful: bool
     lr: float
+    losses_reduced: List[Dict[str, torch.Tensor]] = field(default_factory=list)  # megatron's per-microbatch reports
 
 
 def reduce_losses(losses_reduced: List[Dict[str, torch.Tensor]], name: str = LM_LOSS) -> torch.Tensor:
@@ -126,4 +127,5 @@ def train_step(
         grad_norm=None if grad_norm is None else float(grad_norm),
         update_successful=bool(update_successful),
         lr=lr,
+        losses_reduced=losses_reduced,
     )

@@ -1,7 +1,10 @@
 """One forward/backward on the tiny config's first global batch; rank 0 saves the full
 (un-sharded, global-named) gradients and the loss.  Run under torchrun by the tests.
 
-    torchrun --nproc_per_node N tests/helpers/grad_step.py OUT.pt [section.key=value ...]
+    torchrun --nproc_per_node N tests/helpers/grad_step.py OUT.pt [--config CFG.yaml] [section.key=value ...]
+
+With an omni config (e.g. configs/tiny/omni_mock.yaml) the step runs the omni model on the
+first step's planned microbatches, and the per-modality losses are saved too.
 """
 
 import sys
@@ -11,6 +14,9 @@ import torch
 
 def main() -> None:
     out, overrides = sys.argv[1], sys.argv[2:]
+    config = "configs/tiny/llm.yaml"
+    if overrides[:1] == ["--config"]:
+        config, overrides = overrides[1], overrides[2:]
     from megatron_omni.config import load_config
     from megatron_omni.parallel.initialize import destroy_distributed
     from megatron_omni.parallel.layout import gather_full_model
@@ -18,20 +24,33 @@ def main() -> None:
     from megatron_omni.training.step import reduce_losses, run_schedule
     from megatron_omni.training.text_data import build_text_data
 
-    cfg = load_config("configs/tiny/llm.yaml", overrides)
+    cfg = load_config(config, overrides)
     state = build_train_state(cfg)
-    data = build_text_data(cfg)
-    iterators = data.train_iterators(cfg, len(state.model), consumed_samples=0)
+    extra, forward_step_func = {}, None
+    if cfg.omni is not None:
+        from megatron_omni.parallel.layout import unwrap
+        from megatron_omni.training.omni_data import build_omni_data
+
+        data = build_omni_data(cfg, unwrap(state.model[0]).vocab, len(state.model), num_microbatches(cfg))
+        iterators, forward_step_func = data.step_iterators(0), data.forward_step_func
+    else:
+        data = build_text_data(cfg)
+        iterators = data.train_iterators(cfg, len(state.model), consumed_samples=0)
     for chunk in state.model:
         chunk.zero_grad_buffer()
     losses = run_schedule(
         state.model, iterators, num_microbatches=num_microbatches(cfg), seq_length=cfg.data.seq_length,
         micro_batch_size=cfg.train.micro_batch_size, forward_only=False,
+        **({"forward_step_func": forward_step_func} if forward_step_func else {}),
     )
     total = reduce_losses(losses)
+    if cfg.omni is not None:
+        extra = data.step_metrics(losses)
     grads = gather_full_model(state.model, grads=True)
+    # what the optimizer holds (fp32 main params of this rank's shard; all of them at DP=1)
+    extra["optimizer_numel"] = sum(p.numel() for g in state.optimizer.param_groups for p in g["params"])
     if grads is not None:
-        torch.save({"loss": (total[0] / total[1]).item(), "grads": grads}, out)
+        torch.save({"loss": (total[0] / total[1]).item(), "grads": grads, **extra}, out)
     destroy_distributed()
 
 

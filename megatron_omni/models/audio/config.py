@@ -13,8 +13,6 @@ from typing import Optional, Union
 
 import torch
 
-from megatron_omni.config.loader import from_dict as config_from_dict
-from megatron_omni.config.loader import load_section_file
 
 IntOrTensor = Union[int, torch.Tensor]
 
@@ -75,10 +73,14 @@ class AudioConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "AudioConfig":
         """Typed, with unknown keys rejected (and a suggestion), by the project's config loader."""
-        return config_from_dict(cls, data)
+        from megatron_omni.config.loader import from_dict  # lazy: the run-config schema imports this module
+
+        return from_dict(cls, data)
 
     @classmethod
     def from_yaml(cls, path: str) -> "AudioConfig":
+        from megatron_omni.config.loader import load_section_file
+
         return load_section_file(cls, path)
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
-from megatron_omni.config.loader import from_dict as config_from_dict
-from megatron_omni.config.loader import load_section_file
 
 
 @dataclass
@@ -60,10 +58,14 @@ class VisionConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "VisionConfig":
         """Typed, with unknown keys rejected (and a suggestion), by the project's config loader."""
-        return config_from_dict(cls, data)
+        from megatron_omni.config.loader import from_dict  # lazy: the run-config schema imports this module
+
+        return from_dict(cls, data)
 
     @classmethod
     def from_yaml(cls, path: str) -> "VisionConfig":
+        from megatron_omni.config.loader import load_section_file
+
         return load_section_file(cls, path)
 
     def to_dict(self) -> Dict[str, Any]:

@@ -1,0 +1,227 @@
+"""The M2-omni model (paper Sec. 2.1, Fig. 2): encoders + connectors + the Llama backbone.
+
+`OmniModel` *is* megatron-core's `GPTModel` (same parameter names, same pipeline behaviour, so
+checkpoints, HF conversion of the LLM and the bare-LLM benchmark carry over) with, on the first
+pipeline stage only, a NaViT vision encoder (`vision.*`) and an audio encoder (`audio.*`) whose
+connector outputs replace the placeholder tokens of the token stream:
+
+    tokens   ... <image> <image_pad> x n <image/> ... <audio> <audio_pad> x k </audio> ...
+    embed    word embeddings; the i-th <image_pad>/<video_pad>/<audio_pad> row := i-th encoder token
+
+Later stages receive hidden states only.  Positions are M-RoPE (t, h, w) ids computed on the data
+side; the rotation is megatron's `MultimodalRotaryEmbedding` (`models/rope.py`).  Packed rows
+(several samples per row, `OmniMicrobatch.cu_seqlens`) attend within their sample only: the
+block-diagonal causal mask is built by `packed_causal_mask` and the attention runs with
+`AttnMaskType.arbitrary`, which megatron's local attention and Transformer Engine both honour.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import AttnMaskType
+from torch import Tensor
+
+from megatron_omni.config.schema import OMNI_MODULES, ModelConfig, OmniConfig, ParallelConfig
+from megatron_omni.models.llama import gpt_model_kwargs
+from megatron_omni.models.omni_vocab import OmniVocab
+from megatron_omni.models.rope import MRoPEEmbedding
+
+log = logging.getLogger(__name__)
+
+# Parameter-name prefixes of the freezable modules (OMNI_MODULES); "llm" is everything else.
+_MODULE_PREFIXES: Dict[str, Sequence[str]] = {
+    "vision_encoder": ("vision.patch_embed.", "vision.decoder."),
+    "vision_connector": ("vision.merger.",),
+    "audio_encoder": ("audio.",),  # minus the connector, see module_of
+    "audio_connector": ("audio.connector.",),
+}
+
+
+def module_of(param_name: str) -> str:
+    """Which OMNI_MODULES entry a parameter (name relative to OmniModel) belongs to."""
+    if param_name.startswith("audio.connector."):
+        return "audio_connector"
+    for module, prefixes in _MODULE_PREFIXES.items():
+        if param_name.startswith(tuple(prefixes)):
+            return module
+    return "llm"
+
+
+def omni_vocab(model: ModelConfig, omni: OmniConfig) -> OmniVocab:
+    """The LLM vocabulary of an omni run: the text tokenizer's ids + omni specials + audio codes."""
+    return OmniVocab(model.vocab_size, omni.audio_codebook_size)
+
+
+def packed_causal_mask(cu_seqlens: Tensor, batch: int, seq_length: int) -> Tensor:
+    """[B, 1, S, S] bool, True = masked (megatron's convention): causal inside each packed segment
+    of the flattened B*S stream, nothing across segments."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths)
+    seg = seg.view(batch, seq_length)
+    same = seg[:, :, None] == seg[:, None, :]
+    causal = torch.ones(seq_length, seq_length, dtype=torch.bool, device=cu_seqlens.device).tril()
+    return ~(same & causal).unsqueeze(1)
+
+
+class OmniModel(GPTModel):
+    """GPTModel + first-stage encoders.  `forward` takes the `OmniMicrobatch` fields."""
+
+    def __init__(self, *, omni: OmniConfig, vocab: OmniVocab, **gpt_kwargs):
+        spec = gpt_kwargs["transformer_layer_spec"]
+        # Packed rows need an arbitrary (block-diagonal causal) mask instead of plain causal.
+        spec.submodules.self_attention.params = {
+            **spec.submodules.self_attention.params, "attn_mask_type": AttnMaskType.arbitrary}
+        super().__init__(**gpt_kwargs)
+        config = self.config
+        head_dim = config.kv_channels
+        if sum(omni.mrope_section) * 2 != head_dim:
+            raise ValueError(f"omni.mrope_section {omni.mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+        # M-RoPE replaces Llama's 1D RoPE (Sec. 2.1 "M2-omni LLM"); megatron's mrope embedding is
+        # swapped in after construction because upstream builds it on the CUDA device directly.
+        self.position_embedding_type = "mrope"
+        self.mrope_section = list(omni.mrope_section)
+        self.rotary_pos_emb = MRoPEEmbedding(
+            kv_channels=head_dim, rotary_base=gpt_kwargs.get("rotary_base", 10000))
+        self.vocab = vocab
+        self.omni = omni
+        self.vision = self.audio = None
+        if self.pre_process:  # encoders live with the embedding on the first stage (vp stage 0)
+            dtype = config.params_dtype
+            if omni.vision is not None:
+                from megatron_omni.models.vision.encoder import NaViTEncoder
+
+                self.vision = NaViTEncoder(omni.vision, params_dtype=dtype)
+            if omni.audio is not None:
+                from megatron_omni.models.audio.whisper import build_audio_encoder
+
+                self.audio = build_audio_encoder(omni.audio, params_dtype=dtype)
+
+    # ------------------------------------------------------------------ embedding
+
+    def _encode_visual(self, pixel_values: Optional[Tensor], grid_thw: Optional[Tensor],
+                       pixel_values_videos: Optional[Tensor], video_grid_thw: Optional[Tensor]):
+        """One NaViT pass over the images and videos of the microbatch -> (image tokens, video tokens)."""
+        parts = [(p, g) for p, g in ((pixel_values, grid_thw), (pixel_values_videos, video_grid_thw)) if p is not None]
+        if not parts:
+            return None, None
+        if self.vision is None:
+            raise ValueError("the microbatch has images/videos but omni.vision is null")
+        out = self.vision(torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts]).long())
+        m2 = self.vision.cfg.spatial_merge_size ** 2
+        n_img = int(grid_thw.long().prod(-1).sum()) // m2 if pixel_values is not None else 0
+        return (out[:n_img] if pixel_values is not None else None,
+                out[n_img:] if pixel_values_videos is not None else None)
+
+    def embed_multimodal(
+        self,
+        input_ids: Tensor,
+        *,
+        pixel_values: Optional[Tensor] = None,
+        image_grid_thw: Optional[Tensor] = None,
+        pixel_values_videos: Optional[Tensor] = None,
+        video_grid_thw: Optional[Tensor] = None,
+        audio_features: Optional[Tensor] = None,
+        audio_lengths: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Decoder input [S, B, H] (sequence-parallel scattered when SP is on)."""
+        emb = self.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H], not scattered
+        x = emb.transpose(0, 1)
+        image, video = self._encode_visual(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        audio = None
+        if audio_features is not None:
+            if self.audio is None:
+                raise ValueError("the microbatch has audio but omni.audio is null")
+            audio, _ = self.audio(audio_features.transpose(1, 2), audio_lengths)
+        for name, pad_id, tokens in (("<image_pad>", self.vocab.image_pad_id, image),
+                                     ("<video_pad>", self.vocab.video_pad_id, video),
+                                     ("<audio_pad>", self.vocab.audio_pad_id, audio)):
+            slots = input_ids == pad_id
+            n_slots, n_tokens = int(slots.sum()), 0 if tokens is None else tokens.shape[0]
+            if n_slots != n_tokens:
+                raise ValueError(
+                    f"{n_slots} {name} tokens in the microbatch but the encoder produced {n_tokens} "
+                    "tokens; placeholder spans must be expanded with the model's token-count functions")
+            if n_tokens:
+                x = x.masked_scatter(slots.unsqueeze(-1), tokens.to(x.dtype))
+        emb = x.transpose(0, 1).contiguous()
+        if self.config.sequence_parallel:
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+        return emb
+
+    def forward(  # noqa: D417 - the OmniMicrobatch fields
+        self,
+        input_ids: Optional[Tensor],
+        position_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Optional[Tensor] = None,
+        *,
+        pixel_values: Optional[Tensor] = None,
+        image_grid_thw: Optional[Tensor] = None,
+        pixel_values_videos: Optional[Tensor] = None,
+        video_grid_thw: Optional[Tensor] = None,
+        audio_features: Optional[Tensor] = None,
+        audio_lengths: Optional[Tensor] = None,
+        **kwargs,
+    ) -> Tensor:
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embed_multimodal(
+                input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                audio_features=audio_features, audio_lengths=audio_lengths)
+        return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
+                               labels=labels, **kwargs)
+
+
+def build_omni_chunks(
+    model: ModelConfig, parallel: ParallelConfig, omni: OmniConfig, *, seq_length: int,
+    params_dtype: torch.dtype,
+) -> List[OmniModel]:
+    """This rank's OmniModel chunk(s): the Llama backbone with the omni vocabulary, encoders on the
+    first (virtual) stage.  Encoders are sized to the LLM width (`out_hidden_size`)."""
+    for name, enc in (("vision", omni.vision), ("audio", omni.audio)):
+        if enc is not None and enc.out_hidden_size != model.hidden_size:
+            raise ValueError(f"omni.{name}.out_hidden_size={enc.out_hidden_size} must equal "
+                             f"model.hidden_size={model.hidden_size} (the connector projects to the LLM width)")
+    vocab = omni_vocab(model, omni)
+    kwargs = gpt_model_kwargs(model, parallel, seq_length=seq_length, params_dtype=params_dtype,
+                              vocab_size=vocab.size)
+    # The omni model scatters to sequence-parallel regions itself, after the placeholders are filled.
+    return [OmniModel(omni=omni, vocab=vocab, scatter_embedding_sequence_parallel=False, **kw) for kw in kwargs]
+
+
+def apply_freeze(chunks: Sequence[torch.nn.Module], freeze: Sequence[str]) -> Dict[str, int]:
+    """requires_grad=False on the named OMNI_MODULES (before DDP wrapping, so frozen parameters get
+    no gradient buffer and no optimizer state).  Returns trainable parameter counts per module."""
+    for name in freeze:
+        if name not in OMNI_MODULES:
+            raise ValueError(f"cannot freeze unknown module {name!r}; choose from {list(OMNI_MODULES)}")
+    trainable = {m: 0 for m in OMNI_MODULES}
+    for chunk in chunks:
+        for pname, param in chunk.named_parameters():
+            module = module_of(pname)
+            if module in freeze:
+                param.requires_grad_(False)
+            elif param.requires_grad:
+                trainable[module] += param.numel()
+    return trainable
+
+
+def init_omni_weights_layout_invariant(chunks: Sequence[OmniModel], model: ModelConfig, omni: OmniConfig,
+                                       seed: int) -> None:
+    """Layout-invariant init (models/init.py) of the backbone -- the same weights a bare GPTModel with
+    this vocabulary gets -- and of each encoder under its own name prefix and init std."""
+    from megatron_omni.models.init import init_encoder_layout_invariant, init_weights_layout_invariant
+
+    init_weights_layout_invariant(chunks, model, seed, vocab_size=omni_vocab(model, omni).size,
+                                  skip_prefixes=("vision.", "audio."))
+    for chunk in chunks:
+        if chunk.vision is not None:
+            init_encoder_layout_invariant(chunk.vision, "vision.", omni.vision.init_method_std, seed)
+        if chunk.audio is not None:
+            init_encoder_layout_invariant(chunk.audio, "audio.", omni.audio.init_method_std, seed)

@@ -1,0 +1,112 @@
+"""The omni forward step and loss, per pipeline microbatch.
+
+Each microbatch carries one modality (paper Sec. 3.1) and a loss scale from the step plan.  The
+loss is per token (megatron's `calculate_per_token_loss`: finalize_model_grads divides by the
+global count of loss tokens), so scaling microbatch j of modality i by
+
+    s_j = w_i * T / T_i        (T_i: modality i's loss tokens in the global batch, T = sum_i T_i)
+
+makes the update the gradient of  sum_i w_i * L_i  with L_i modality i's *mean token loss* --
+paper Eq. 5 / 7 -- however many microbatches or DP ranks carried each modality.  With one
+modality per step and w = 1, s = 1: plain mean-token loss.
+
+Reported per microbatch (summed over microbatches and DP ranks by `reduce_losses`): the whole
+loss ("lm loss"), the understanding loss L_un and the audio-generation loss L_gen_a (Fig. 4),
+and the loss of the microbatch's modality ("loss/<modality>").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_omni.data.omni_batch import OmniMicrobatch
+from megatron_omni.models.omni import packed_causal_mask
+from megatron_omni.models.omni_vocab import OmniVocab
+from megatron_omni.parallel.layout import unwrap
+from megatron_omni.training.step import LM_LOSS
+
+UNDERSTANDING_LOSS = "understanding loss"
+AUDIO_GEN_LOSS = "audio generation loss"
+MODALITY_LOSS_PREFIX = "loss/"
+
+
+@dataclass
+class PlannedMicrobatch:
+    batch: OmniMicrobatch
+    loss_scale: float = 1.0
+
+
+def modality_loss_scales(token_counts: Dict[str, float], weights: Dict[str, float]) -> Dict[str, float]:
+    """s_i = w_i * T / T_i for every modality with tokens (see module docstring)."""
+    total = sum(token_counts.values())
+    return {m: weights.get(m, 1.0) * total / n for m, n in token_counts.items() if n > 0}
+
+
+def plan_loss_scales(batches: List[OmniMicrobatch], weights: Dict[str, float], modalities: List[str]) -> Dict[str, float]:
+    """Loss scales of one step's microbatches: token counts per modality summed over the DP group
+    (identical on every rank of the group, and on every pipeline stage, which all read the batch)."""
+    counts = torch.zeros(len(modalities), dtype=torch.float64)
+    for b in batches:
+        counts[modalities.index(b.modality)] += float(b.loss_mask.sum())
+    counts = counts.to(torch.cuda.current_device())
+    dist.all_reduce(counts, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return modality_loss_scales({m: float(c) for m, c in zip(modalities, counts.tolist())}, weights)
+
+
+def omni_loss(batch: OmniMicrobatch, vocab: OmniVocab, loss_scale: float, output_tensor: torch.Tensor):
+    """megatron loss_func -> (scaled loss sum, token count, reports {name: [loss_sum, tokens]})."""
+    losses = output_tensor.float()
+    mask = batch.loss_mask.float()
+    audio = vocab.is_audio_generation_target(batch.labels).float() * mask
+    understanding = mask - audio
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+
+    def report(weights: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.sum(losses * weights).detach(), weights.sum().detach()])
+
+    reports = {
+        LM_LOSS: report(mask),
+        UNDERSTANDING_LOSS: report(understanding),
+        AUDIO_GEN_LOSS: report(audio),
+        MODALITY_LOSS_PREFIX + batch.modality: report(mask),
+    }
+    return loss_sum * loss_scale, num_tokens, reports
+
+
+def omni_forward_step(data_iterator: Iterator[PlannedMicrobatch], model: torch.nn.Module):
+    """megatron forward_step_func.  Every pipeline stage reads the microbatch: all need the M-RoPE
+    positions and the packing mask; only the first stage uses tokens and media, the last labels."""
+    planned = next(data_iterator)
+    inner = unwrap(model)
+    batch = planned.batch.to(torch.cuda.current_device(), non_blocking=True)
+    B, S = batch.tokens.shape
+    mask = packed_causal_mask(batch.cu_seqlens, B, S)
+    media = {}
+    if inner.pre_process:
+        media = dict(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+                     pixel_values_videos=batch.pixel_values_videos, video_grid_thw=batch.video_grid_thw,
+                     audio_features=batch.audio_features, audio_lengths=batch.audio_lengths)
+    output = model(batch.tokens if inner.pre_process else None, batch.position_ids, mask,
+                   labels=batch.labels if inner.post_process else None, **media)
+    return output, partial(omni_loss, batch, inner.vocab, planned.loss_scale)
+
+
+def modality_losses(losses_reduced_totals: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """{modality: mean token loss} from reduced report totals."""
+    return {name[len(MODALITY_LOSS_PREFIX):]: float(t[0] / t[1]) for name, t in losses_reduced_totals.items()
+            if name.startswith(MODALITY_LOSS_PREFIX) and float(t[1]) > 0}
+
+
+def report_names(losses_reduced: List[Dict[str, torch.Tensor]]) -> List[str]:
+    return sorted({k for item in losses_reduced for k in item})
+
+
+def first_or_none(items: List[Optional[object]]):
+    return next((i for i in items if i is not None), None)
