@@ -83,7 +83,7 @@ def megatron_world(parallel: Optional[ParallelConfig] = None) -> Iterator[None]:
 # The checkpoint's structure, from a megatron model built on the meta device
 
 
-class _MetaDevice(TorchFunctionMode):
+class MetaDevice(TorchFunctionMode):
     """Every tensor created inside lands on the `meta` device (shape and dtype only)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -102,7 +102,7 @@ def build_meta_chunks(model: ModelConfig, parallel: ParallelConfig, dtype: torch
     """This rank's GPTModel chunks with all parameters on `meta` (inside `megatron_world`)."""
     from megatron_omni.models.llama import build_llama_chunks
 
-    with _MetaDevice():
+    with MetaDevice():
         return build_llama_chunks(model, parallel, seq_length=128, params_dtype=dtype)
 
 

@@ -30,7 +30,7 @@ def world():
 
     with megatron_world():
         llm = load_section_file(ModelConfig, str(REPO / "configs/model/tiny_llm.yaml"))
-        omni = load_section_file(OmniConfig, str(REPO / "configs/model/m2omni_tiny.yaml"))
+        omni = load_section_file(OmniConfig, str(REPO / "configs/model/omni_tiny.yaml"))
         (model,) = build_omni_chunks(llm, ParallelConfig(), omni, seq_length=SEQ, params_dtype=torch.float32)
         init_omni_weights_layout_invariant([model], llm, omni, seed=7)
         model.eval()

@@ -137,13 +137,13 @@ def test_qkv_layout_round_trip():
 
 
 def test_param_counts():
-    from megatron_omni.convert.mcore_io import _MetaDevice, megatron_world
+    from megatron_omni.convert.mcore_io import MetaDevice, megatron_world
 
     tiny_cfg = VisionConfig.from_yaml(str(TINY))
     big = VisionConfig.from_yaml(str(BIG))
     with megatron_world():
         n_tiny = sum(p.numel() for p in NaViTEncoder(tiny_cfg).parameters())
-        with _MetaDevice():
+        with MetaDevice():
             enc = NaViTEncoder(big)
         n_big = sum(p.numel() for p in enc.parameters())
     assert n_tiny == tiny_cfg.num_parameters()
