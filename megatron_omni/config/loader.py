@@ -149,7 +149,12 @@ def from_dict(cls: Type[T], data: Dict[str, Any], where: str = "") -> T:
         if key not in hints or key not in names:
             raise ConfigError(_unknown_key_message(path, key, names))
         kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a section's own __post_init__ check: report it as a config error
+        raise ConfigError(f"{where or cls.__name__}: {e}") from e
 
 
 def load_section_file(cls: Type[T], path: str) -> T:

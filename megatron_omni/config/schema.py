@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from megatron_omni.balance.config import SchedulerConfig
+
 
 @dataclass
 class ModelConfig:
@@ -154,3 +156,5 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Modality scheduling and loss balance of omni stages (M2-omni Sec. 3); None = text-only run.
+    balance: Optional[SchedulerConfig] = None
