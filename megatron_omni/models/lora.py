@@ -41,7 +41,7 @@ import logging
 import math
 import types
 import zlib
-from typing import Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Sequence
 
 import torch
 import torch.nn.functional as F

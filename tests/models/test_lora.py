@@ -11,6 +11,7 @@ Run by pytest through torchrun; this file is also the worker:
 
 from __future__ import annotations
 
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +26,21 @@ SEQ, BATCH, RANK, ALPHA = 16, 2, 4, 8.0
 # ----------------------------------------------------------------------------- worker
 def _worker(out_path: str) -> None:
     import torch.distributed as dist
+
+    from megatron_omni.config.schema import ParallelConfig
+    from megatron_omni.parallel.initialize import destroy_distributed, initialize_distributed, set_random_seeds
+
+    tp = int(os.environ["WORLD_SIZE"])
+    initialize_distributed(ParallelConfig(tp=tp))
+    set_random_seeds(1234)
+    results = {"gpt": _gpt(tp), "mlp": _mlp_pair(tp, sequence_parallel=tp > 1)}
+    if dist.get_rank() == 0:
+        torch.save(results, out_path)
+    destroy_distributed()
+
+
+def _gpt(tp: int):
+    """The tiny Llama GPTModel with LoRA on all four targets: outputs, full adapter grads, merge."""
     from megatron.core import parallel_state
 
     from megatron_omni.config.loader import load_section_file
@@ -33,11 +49,7 @@ def _worker(out_path: str) -> None:
     from megatron_omni.models.init import init_weights_layout_invariant
     from megatron_omni.models.llama import build_llama_chunks
     from megatron_omni.parallel import layout
-    from megatron_omni.parallel.initialize import destroy_distributed, initialize_distributed, set_random_seeds
 
-    tp = int(dist.get_world_size()) if dist.is_initialized() else int(__import__("os").environ["WORLD_SIZE"])
-    initialize_distributed(ParallelConfig(tp=tp))
-    set_random_seeds(1234)
     model_cfg = load_section_file(ModelConfig, str(REPO / "configs/model/tiny_llm.yaml"))
     model_cfg.transformer_impl = "local"
     gen = torch.Generator().manual_seed(0)
@@ -45,59 +57,48 @@ def _worker(out_path: str) -> None:
     labels = torch.randint(0, model_cfg.vocab_size, (BATCH, SEQ), generator=gen)
     position_ids = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
     group = parallel_state.get_tensor_model_parallel_group()
-    results = {}
-    results["mlp"] = _mlp_pair(tp, sequence_parallel=tp > 1)
-    for sp in [False]:
-        parallel = ParallelConfig(tp=tp, sequence_parallel=sp)
-        (model,) = build_llama_chunks(model_cfg, parallel, seq_length=SEQ, params_dtype=torch.float32)
-        init_weights_layout_invariant([model], model_cfg, seed=1)
-        model.eval()  # no dropout anywhere; LoRA dropout 0 too
+    (model,) = build_llama_chunks(model_cfg, ParallelConfig(tp=tp), seq_length=SEQ, params_dtype=torch.float32)
+    init_weights_layout_invariant([model], model_cfg, seed=1)
+    model.eval()  # no dropout anywhere; LoRA dropout 0 too
 
-        def run():
-            return model(tokens, position_ids, None, labels=labels)
+    def run():
+        return model(tokens, position_ids, None, labels=labels)  # per-token loss [b, s]
 
-        with torch.no_grad():
-            base = run()
-        added = lora.apply_lora(model, rank=RANK, alpha=ALPHA, seed=5)
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        # B starts at zero (LoRA's identity start): draw it layout-invariantly so that the
-        # adapters change the output and A receives gradient.
-        gated = {}
-        with torch.no_grad():
-            assert all(float(a.lora_B.abs().max()) == 0.0 for a in added)
-            for name, p in layout.global_named_parameters(model):
-                if name.endswith("lora.lora_B"):
-                    gated[name] = "linear_fc1" in name
-                    full = torch.randn(layout.full_shape(p, tp), generator=torch.Generator().manual_seed(
-                        sum(map(ord, name)))) * 0.05
-                    p.copy_(layout.shard(full, p, tp, parallel_state.get_tensor_model_parallel_rank(),
-                                         gated=gated[name]))
-        out = run()
-        out.sum().backward()
-        with torch.no_grad(), lora.adapters_disabled(model):
-            disabled = run()
-        grads, attrs = {}, {}
+    with torch.no_grad():
+        base = run()
+    added = lora.apply_lora(model, rank=RANK, alpha=ALPHA, seed=5)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    # B starts at zero (LoRA's identity start): draw it layout-invariantly so that the
+    # adapters change the output and A receives gradient.
+    gated = {}
+    with torch.no_grad():
+        assert all(float(a.lora_B.abs().max()) == 0.0 for a in added)
         for name, p in layout.global_named_parameters(model):
-            if p.requires_grad:
-                grad = p.grad
-                if sp and getattr(p, "sequence_parallel", False):  # what finalize_model_grads does
-                    dist.all_reduce(grad, group=group)
-                grads[name] = layout.gather(grad, p, group, gated=gated.get(name, False)).clone()
-                attrs[name] = (bool(getattr(p, "tensor_model_parallel", False)), getattr(p, "partition_dim", None),
-                               bool(getattr(p, "sequence_parallel", False)))
-        sharded_keys = {k: type(v).__name__ for k, v in model.sharded_state_dict().items() if ".lora." in k}
-        with torch.no_grad():
-            n_merged = lora.merge_lora(model)
-            merged = run()
-        results[f"sp{int(sp)}"] = dict(
-            base=base, out=out.detach(), disabled=disabled, merged=merged, grads=grads, attrs=attrs,
-            trainable=trainable, n_merged=n_merged, n_adapters=len(added),
-            trainable_numel=sum(p.numel() for a in added for p in (a.lora_A, a.lora_B)),
-            params_after_merge=sorted(n for n, _ in model.named_parameters()), sharded_keys=sharded_keys,
-        )
-    if dist.get_rank() == 0:
-        torch.save(results, out_path)
-    destroy_distributed()
+            if name.endswith("lora.lora_B"):
+                gated[name] = "linear_fc1" in name
+                full = torch.randn(layout.full_shape(p, tp), generator=torch.Generator().manual_seed(
+                    sum(map(ord, name)))) * 0.05
+                p.copy_(layout.shard(full, p, tp, parallel_state.get_tensor_model_parallel_rank(), gated=gated[name]))
+    out = run()
+    out.sum().backward()
+    with torch.no_grad(), lora.adapters_disabled(model):
+        disabled = run()
+    grads, attrs = {}, {}
+    for name, p in layout.global_named_parameters(model):
+        if p.requires_grad:
+            grads[name] = layout.gather(p.grad, p, group, gated=gated.get(name, False)).clone()
+            attrs[name] = (bool(getattr(p, "tensor_model_parallel", False)), getattr(p, "partition_dim", None),
+                           bool(getattr(p, "sequence_parallel", False)))
+    sharded_keys = {k: type(v).__name__ for k, v in model.sharded_state_dict().items() if ".lora." in k}
+    with torch.no_grad():
+        n_merged = lora.merge_lora(model)
+        merged = run()
+    return dict(
+        base=base, out=out.detach(), disabled=disabled, merged=merged, grads=grads, attrs=attrs,
+        trainable=trainable, n_merged=n_merged, n_adapters=len(added),
+        trainable_numel=sum(p.numel() for a in added for p in (a.lora_A, a.lora_B)),
+        params_after_merge=sorted(n for n, _ in model.named_parameters()), sharded_keys=sharded_keys,
+    )
 
 
 def _mlp_pair(tp: int, sequence_parallel: bool):
@@ -184,20 +185,18 @@ def test_tp2_sequence_parallel_matches_tp1(runs):
 
 
 def test_tp2_matches_tp1(runs):
-    ref = runs[1]["sp0"]
-    for variant in ("sp0",):
-        got = runs[2][variant]
-        torch.testing.assert_close(got["out"], ref["out"], rtol=1e-5, atol=1e-5)
-        assert set(got["grads"]) == set(ref["grads"])
-        assert len(ref["grads"]) == 4 * 4 * 2  # 4 layers x 4 targets x (A, B)
-        for name, g_ref in ref["grads"].items():
-            scale = g_ref.abs().max().item()
-            assert scale > 0, f"{name}: zero gradient in the reference"
-            assert (got["grads"][name] - g_ref).abs().max().item() <= 1e-5 * scale, (variant, name)
+    ref, got = runs[1]["gpt"], runs[2]["gpt"]
+    torch.testing.assert_close(got["out"], ref["out"], rtol=1e-5, atol=1e-5)
+    assert set(got["grads"]) == set(ref["grads"])
+    assert len(ref["grads"]) == 4 * 4 * 2  # 4 layers x 4 targets x (A, B)
+    for name, g_ref in ref["grads"].items():
+        scale = g_ref.abs().max().item()
+        assert scale > 0, f"{name}: zero gradient in the reference"
+        assert (got["grads"][name] - g_ref).abs().max().item() <= 1e-5 * scale, name
 
 
 def test_tp_attributes_follow_the_base_layer(runs):
-    attrs = runs[2]["sp0"]["attrs"]
+    attrs = runs[2]["gpt"]["attrs"]
     for name, (sharded, dim, sp) in attrs.items():
         column = "linear_qkv" in name or "linear_fc1" in name
         factor_sharded = name.endswith("lora_B") if column else name.endswith("lora_A")
@@ -205,7 +204,7 @@ def test_tp_attributes_follow_the_base_layer(runs):
         if sharded:
             assert dim == (0 if column else 1), name
         assert not sp
-    keys = runs[2]["sp0"]["sharded_keys"]
+    keys = runs[2]["gpt"]["sharded_keys"]
     assert len(keys) == 32
     # fc1's gated B goes through megatron's SwiGLU checkpoint factory, like fc1's weight.
     assert {v for k, v in keys.items() if "linear_fc1.lora.lora_B" in k} == {"ShardedTensorFactory"}
@@ -214,7 +213,7 @@ def test_tp_attributes_follow_the_base_layer(runs):
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_disabled_is_base_and_merged_is_adapted(runs, tp):
-    r = runs[tp]["sp0"]
+    r = runs[tp]["gpt"]
     assert (r["out"] - r["base"]).abs().max() > 1e-3  # the adapters do change the model
     torch.testing.assert_close(r["disabled"], r["base"], rtol=0, atol=0)
     torch.testing.assert_close(r["merged"], r["out"], rtol=1e-5, atol=1e-5)
@@ -223,7 +222,7 @@ def test_disabled_is_base_and_merged_is_adapted(runs, tp):
 
 
 def test_only_adapters_train(runs):
-    r = runs[1]["sp0"]
+    r = runs[1]["gpt"]
     assert r["trainable"] and all(n.endswith(("lora.lora_A", "lora.lora_B")) for n in r["trainable"])
     assert len(r["trainable"]) == 32
 
@@ -234,7 +233,7 @@ def test_trainable_fraction_matches_the_formula(runs):
     from megatron_omni.models.lora import lora_params_per_rank
 
     tiny = load_section_file(ModelConfig, str(REPO / "configs/model/tiny_llm.yaml"))
-    assert runs[1]["sp0"]["trainable_numel"] == RANK * lora_params_per_rank(tiny)
+    assert runs[1]["gpt"]["trainable_numel"] == RANK * lora_params_per_rank(tiny)
 
 
 def test_rank_for_five_percent_of_llama3_8b():
