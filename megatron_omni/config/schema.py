@@ -13,6 +13,7 @@ from typing import List, Optional
 
 from megatron_omni.models.audio.config import AudioConfig
 from megatron_omni.models.vision.config import VisionConfig
+from megatron_omni.balance.config import SchedulerConfig
 
 
 @dataclass
@@ -189,3 +190,5 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     omni: Optional[OmniConfig] = None  # null = a text-only Llama run
+    # Modality scheduling and loss balance of omni stages (M2-omni Sec. 3); None = text-only run.
+    balance: Optional[SchedulerConfig] = None
