@@ -103,11 +103,18 @@ class MockOmniData:
         targets = [False] * len(user) + [True] * (len(reply) - 1) + [False]
         return _Sample(tokens, targets, grids, video_grids, frames)
 
+    def validation_microbatches(self, modality: str, count: int = 2) -> List[OmniMicrobatch]:
+        """A fixed held-out set per modality (its own generator stream, never drawn for training)."""
+        return [self._microbatch(modality, f"val{i}") for i in range(count)]
+
     def next_microbatch(self, modality: str) -> OmniMicrobatch:
         if modality not in self.modalities:
             raise ValueError(f"mock data has no modality {modality!r}; configured: {self.modalities}")
         index = self.consumed[modality]
         self.consumed[modality] += 1
+        return self._microbatch(modality, index)
+
+    def _microbatch(self, modality: str, index) -> OmniMicrobatch:
         gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{self.dp_rank}:{modality}:{index}".encode()))
         B, S = self.micro_batch_size, self.seq_length
         tokens = torch.zeros(B, S, dtype=torch.long)

@@ -177,6 +177,12 @@ def pretrain(
         }
         if omni_data is not None:
             row.update(omni_data.step_metrics(result.losses_reduced))  # collective
+            row["modality_weights"] = omni_data.modality_weights(state.step - 1)
+            if t.eval_interval and state.step % t.eval_interval == 0:
+                row["val_losses"] = omni_data.validation_losses(state.model, run_schedule)
+                new_weights = omni_data.update_balance(row["val_losses"])
+                if new_weights is not None:
+                    row["adaptive_weights"] = new_weights
         if profiler is not None:
             row["timers"] = profiler.step_end(state.step, row)  # collective: every rank takes part
         if t.eval_interval and state.step % t.eval_interval == 0 and data is not None and data.valid is not None:

@@ -11,13 +11,14 @@ needed everywhere).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_omni.balance import ModalityRoundScheduler, SchedulerConfig
+from megatron_omni.balance.loss import all_reduce_modality_tokens, local_modality_tokens, microbatch_loss_scale
 from megatron_omni.config.schema import RunConfig
 from megatron_omni.training.omni_step import (
     AUDIO_GEN_LOSS,
@@ -25,28 +26,10 @@ from megatron_omni.training.omni_step import (
     UNDERSTANDING_LOSS,
     PlannedMicrobatch,
     omni_forward_step,
-    plan_loss_scales,
 )
 from megatron_omni.training.step import LM_LOSS
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepPlan:
-    microbatch_modalities: List[str]
-    modality_weights: Dict[str, float] = field(default_factory=dict)
-
-
-class CyclicModalityPlan:
-    """Every step carries the modalities in turn over its microbatches (equal share, weights 1)."""
-
-    def __init__(self, modalities: Sequence[str], num_microbatches: int):
-        self.modalities, self.num_microbatches = list(modalities), num_microbatches
-
-    def plan(self, step: int) -> StepPlan:
-        n = len(self.modalities)
-        return StepPlan([self.modalities[(step * self.num_microbatches + i) % n] for i in range(self.num_microbatches)])
 
 
 class OmniData:
@@ -55,7 +38,9 @@ class OmniData:
     def __init__(self, cfg: RunConfig, source, scheduler, num_chunks: int, num_microbatches: int):
         self.cfg, self.source, self.scheduler = cfg, source, scheduler
         self.num_chunks, self.num_microbatches = num_chunks, num_microbatches
-        self.modalities: List[str] = list(source.modalities)
+        self.modalities: List[str] = list(scheduler.modalities)
+        # Dynamic adaptive balance (Sec. 3.2): validation losses every train.eval_interval steps.
+        self.balancer = scheduler.make_adaptive_balancer() if scheduler.cfg.adaptive.enabled else None
 
     # ---------------------------------------------------------------- per step
 
@@ -65,8 +50,12 @@ class OmniData:
             raise RuntimeError(f"scheduler planned {len(plan.microbatch_modalities)} microbatches, "
                                f"the step has {self.num_microbatches}")
         batches = [self.source.next_microbatch(m) for m in plan.microbatch_modalities]
-        scales = plan_loss_scales(batches, plan.modality_weights, self.modalities)
-        planned = [PlannedMicrobatch(b, scales.get(b.modality, 0.0)) for b in batches]
+        # Eq. 5/7 scaling needs every modality's loss tokens over the whole global batch.
+        tokens = all_reduce_modality_tokens(
+            local_modality_tokens(plan.microbatch_modalities, [b.loss_mask for b in batches], self.modalities),
+            parallel_state.get_data_parallel_group(with_context_parallel=True))
+        weights = {m: plan.modality_weights.get(m, 1.0) for m in self.modalities}
+        planned = [PlannedMicrobatch(b, microbatch_loss_scale(b.modality, tokens, weights)) for b in batches]
         return [iter(planned) for _ in range(self.num_chunks)]
 
     def report_names(self) -> List[str]:
@@ -105,13 +94,48 @@ class OmniData:
         dist.all_reduce(n, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         return int(n.item())
 
+    # ---------------------------------------------------------------- validation / adaptive balance
+
+    @torch.no_grad()
+    def validation_losses(self, model: list, run_schedule) -> Dict[str, float]:
+        """Each modality's mean token loss on its held-out validation microbatches (forward only)."""
+        for chunk in model:
+            chunk.eval()
+        out = {}
+        for m in self.modalities:
+            batches = self.source.validation_microbatches(m)
+            iterators = [iter([PlannedMicrobatch(b) for b in batches]) for _ in range(self.num_chunks)]
+            losses = run_schedule(model, iterators, num_microbatches=len(batches), seq_length=self.cfg.data.seq_length,
+                                  micro_batch_size=self.cfg.train.micro_batch_size, forward_only=True,
+                                  forward_step_func=self.forward_step_func)
+            t = self.reduce_reports(losses)[LM_LOSS]
+            out[m] = float(t[0] / t[1])
+        for chunk in model:
+            chunk.train()
+        return out
+
+    def update_balance(self, val_losses: Dict[str, float]) -> Optional[Dict[str, float]]:
+        """Feed one validation segment to the adaptive balancer (Eq. 8-11); returns the new weights."""
+        if self.balancer is None:
+            return None
+        weights = self.balancer.update([val_losses[m] for m in self.modalities])
+        self.scheduler.set_adaptive_weights(weights)
+        return dict(zip(self.modalities, weights))
+
+    def modality_weights(self, step: int) -> Dict[str, float]:
+        return dict(self.scheduler.plan(step).modality_weights)
+
     # ---------------------------------------------------------------- checkpoint
 
     def state_dict(self) -> dict:
-        return {"source": self.source.state_dict()}
+        return {"source": self.source.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "balancer": self.balancer.state_dict() if self.balancer is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.source.load_state_dict(state["source"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.balancer is not None and state.get("balancer") is not None:
+            self.balancer.load_state_dict(state["balancer"])
 
 
 def build_omni_data(cfg: RunConfig, vocab, num_chunks: int, num_microbatches: int) -> OmniData:
@@ -124,5 +148,13 @@ def build_omni_data(cfg: RunConfig, vocab, num_chunks: int, num_microbatches: in
         log.info("omni data: mock microbatches (data.mock=true), modalities %s", ", ".join(source.modalities))
     else:
         raise NotImplementedError("omni data from manifests: set data.mock=true until the omni loader is wired")
-    scheduler = CyclicModalityPlan(source.modalities, num_microbatches)
+    balance = cfg.balance
+    if balance is None:  # every modality of the data in each update, equal weights, no fixed text share
+        balance = SchedulerConfig(mode="accumulation", modalities=list(source.modalities), pure_text_share=None)
+    missing = [m for m in balance.modalities if m not in source.modalities]
+    if missing:
+        raise ValueError(f"balance.modalities {missing} have no data (data modalities: {list(source.modalities)})")
+    scheduler = ModalityRoundScheduler(balance, num_microbatches, cfg.train.seed)
+    log.info("modality plan: %s over %s (pure-text share %s)", balance.mode, ", ".join(balance.modalities),
+             balance.pure_text_share)
     return OmniData(cfg, source, scheduler, num_chunks, num_microbatches)

@@ -7,8 +7,8 @@ global count of loss tokens), so scaling microbatch j of modality i by
     s_j = w_i * T / T_i        (T_i: modality i's loss tokens in the global batch, T = sum_i T_i)
 
 makes the update the gradient of  sum_i w_i * L_i  with L_i modality i's *mean token loss* --
-paper Eq. 5 / 7 -- however many microbatches or DP ranks carried each modality.  With one
-modality per step and w = 1, s = 1: plain mean-token loss.
+paper Eq. 5 / 7 -- however many microbatches or DP ranks carried each modality
+(`megatron_omni.balance.loss`).  With one modality per step and w = 1, s = 1: plain mean-token loss.
 
 Reported per microbatch (summed over microbatches and DP ranks by `reduce_losses`): the whole
 loss ("lm loss"), the understanding loss L_un and the audio-generation loss L_gen_a (Fig. 4),
@@ -19,11 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, Iterator, List, Optional
+from typing import Iterator
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 
 from megatron_omni.data.omni_batch import OmniMicrobatch
 from megatron_omni.models.omni import packed_causal_mask
@@ -40,23 +38,6 @@ MODALITY_LOSS_PREFIX = "loss/"
 class PlannedMicrobatch:
     batch: OmniMicrobatch
     loss_scale: float = 1.0
-
-
-def modality_loss_scales(token_counts: Dict[str, float], weights: Dict[str, float]) -> Dict[str, float]:
-    """s_i = w_i * T / T_i for every modality with tokens (see module docstring)."""
-    total = sum(token_counts.values())
-    return {m: weights.get(m, 1.0) * total / n for m, n in token_counts.items() if n > 0}
-
-
-def plan_loss_scales(batches: List[OmniMicrobatch], weights: Dict[str, float], modalities: List[str]) -> Dict[str, float]:
-    """Loss scales of one step's microbatches: token counts per modality summed over the DP group
-    (identical on every rank of the group, and on every pipeline stage, which all read the batch)."""
-    counts = torch.zeros(len(modalities), dtype=torch.float64)
-    for b in batches:
-        counts[modalities.index(b.modality)] += float(b.loss_mask.sum())
-    counts = counts.to(torch.cuda.current_device())
-    dist.all_reduce(counts, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    return modality_loss_scales({m: float(c) for m, c in zip(modalities, counts.tolist())}, weights)
 
 
 def omni_loss(batch: OmniMicrobatch, vocab: OmniVocab, loss_scale: float, output_tensor: torch.Tensor):
@@ -96,17 +77,3 @@ def omni_forward_step(data_iterator: Iterator[PlannedMicrobatch], model: torch.n
     output = model(batch.tokens if inner.pre_process else None, batch.position_ids, mask,
                    labels=batch.labels if inner.post_process else None, **media)
     return output, partial(omni_loss, batch, inner.vocab, planned.loss_scale)
-
-
-def modality_losses(losses_reduced_totals: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    """{modality: mean token loss} from reduced report totals."""
-    return {name[len(MODALITY_LOSS_PREFIX):]: float(t[0] / t[1]) for name, t in losses_reduced_totals.items()
-            if name.startswith(MODALITY_LOSS_PREFIX) and float(t[1]) > 0}
-
-
-def report_names(losses_reduced: List[Dict[str, torch.Tensor]]) -> List[str]:
-    return sorted({k for item in losses_reduced for k in item})
-
-
-def first_or_none(items: List[Optional[object]]):
-    return next((i for i in items if i is not None), None)

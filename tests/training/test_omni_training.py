@@ -53,12 +53,15 @@ def test_frozen_modules_get_no_gradient_and_no_optimizer_state(tmp_path):
 
 
 def test_train_and_resume_exactly(tmp_path):
-    overrides = [*SMALL, "parallel.pp=2", "train.steps=4", "train.save_interval=2", "optimizer.lr_warmup_steps=1"]
+    # accumulation over all modalities with a 25% text share, adaptive balance every step (Sec. 3.2)
+    balance = ("balance={mode: accumulation, modalities: [image, video, audio, audio_gen, text], "
+               "pure_text_share: 0.25, adaptive: {enabled: true, window: 2}}")
+    overrides = [*SMALL, "train.global_batch_size=8", "parallel.pp=2", "train.steps=4", "train.save_interval=2",
+                 "optimizer.lr_warmup_steps=1", "train.eval_interval=1", balance]
     full = tmp_path / "full"
     train(2, full, overrides, cache_dir=tmp_path / "cache", config=CONFIG)
     rows = metrics(full)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert set(rows[0]["losses"]) == {"text", "image", "video", "audio", "audio_gen"}
     assert rows[0]["skipped_samples"] == 0 and "audio_gen_loss" in rows[0]
     resumed = tmp_path / "resumed"
     train(2, resumed, overrides + ["train.exit_interval=2"], cache_dir=tmp_path / "cache", config=CONFIG)
@@ -68,4 +71,9 @@ def test_train_and_resume_exactly(tmp_path):
     for a, b in zip(rows[2:], again[2:]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), b["step"]
         assert b["losses"] == pytest.approx(a["losses"], rel=1e-6), b["step"]
+        assert b["adaptive_weights"] == pytest.approx(a["adaptive_weights"], rel=1e-9), b["step"]
+    # 8 microbatches, 25% text: exactly two text microbatches per update; weights move after H=2 segments
+    assert all(set(r["losses"]) >= {"text"} for r in rows)
+    assert rows[0]["modality_weights"] == pytest.approx({m: 1.0 for m in rows[0]["modality_weights"]})
+    assert rows[-1]["modality_weights"] != pytest.approx(rows[0]["modality_weights"])
     assert rows[-1]["loss"] < rows[0]["loss"]
