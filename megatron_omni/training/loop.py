@@ -168,7 +168,9 @@ def pretrain(
         state.consumed_samples += t.global_batch_size
         steps_run += 1
         tokens_per_s = t.global_batch_size * cfg.data.seq_length / step_time
-        tflops = step_flops / step_time / world / 1e12
+        omni_row = omni_data.step_metrics(result.losses_reduced) if omni_data is not None else {}  # collective
+        # the omni step's FLOPs add its encoders' work on this step's media
+        tflops = (step_flops + omni_row.get("encoder_flops", 0.0)) / step_time / world / 1e12
         row = {
             "step": state.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
             "tokens": result.tokens, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
@@ -176,7 +178,8 @@ def pretrain(
             "consumed_samples": state.consumed_samples,
         }
         if omni_data is not None:
-            row.update(omni_data.step_metrics(result.losses_reduced))  # collective
+            row.update(omni_row)
+            row["tokens_per_s_by_modality"] = {m: n / step_time for m, n in omni_data.tokens_per_modality().items()}
             row["modality_weights"] = omni_data.modality_weights(state.step - 1)
             if t.eval_interval and state.step % t.eval_interval == 0:
                 row["val_losses"] = omni_data.validation_losses(state.model, run_schedule)

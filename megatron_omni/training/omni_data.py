@@ -20,6 +20,7 @@ from megatron.core import parallel_state
 from megatron_omni.balance import ModalityRoundScheduler, SchedulerConfig
 from megatron_omni.balance.loss import all_reduce_modality_tokens, local_modality_tokens, microbatch_loss_scale
 from megatron_omni.config.schema import RunConfig
+from megatron_omni.training.encoder_flops import encoder_training_flops
 from megatron_omni.training.omni_step import (
     AUDIO_GEN_LOSS,
     MODALITY_LOSS_PREFIX,
@@ -41,6 +42,7 @@ class OmniData:
         self.modalities: List[str] = list(scheduler.modalities)
         # Dynamic adaptive balance (Sec. 3.2): validation losses every train.eval_interval steps.
         self.balancer = scheduler.make_adaptive_balancer() if scheduler.cfg.adaptive.enabled else None
+        self._step_encoder_flops, self._step_microbatches = 0.0, {}
 
     # ---------------------------------------------------------------- per step
 
@@ -56,6 +58,9 @@ class OmniData:
             parallel_state.get_data_parallel_group(with_context_parallel=True))
         weights = {m: plan.modality_weights.get(m, 1.0) for m in self.modalities}
         planned = [PlannedMicrobatch(b, microbatch_loss_scale(b.modality, tokens, weights)) for b in batches]
+        omni = self.cfg.omni
+        self._step_encoder_flops = sum(encoder_training_flops(omni.vision, omni.audio, b) for b in batches)
+        self._step_microbatches = plan.counts()
         return [iter(planned) for _ in range(self.num_chunks)]
 
     def report_names(self) -> List[str]:
@@ -84,15 +89,23 @@ class OmniData:
 
         losses = {name[len(MODALITY_LOSS_PREFIX):]: mean(t) for name, t in totals.items()
                   if name.startswith(MODALITY_LOSS_PREFIX) and float(t[1]) > 0}
+        skipped, encoder_flops = self._dp_sums()
         return {"losses": losses, "understanding_loss": mean(totals[UNDERSTANDING_LOSS]),
                 "audio_gen_loss": mean(totals[AUDIO_GEN_LOSS]),
-                "skipped_samples": self.skipped_samples()}
+                "skipped_samples": int(skipped), "encoder_flops": encoder_flops}
 
-    def skipped_samples(self) -> int:
-        """Cumulative over the data-parallel group (every rank of a DP replica reads the same data)."""
-        n = torch.tensor([float(getattr(self.source, "skipped_samples", 0))], device=torch.cuda.current_device())
+    def _dp_sums(self) -> List[float]:
+        """(skipped samples, encoder FLOPs of the step) summed over the data-parallel group: every
+        rank of a DP replica reads the same data, so each replica counts once."""
+        n = torch.tensor([float(getattr(self.source, "skipped_samples", 0)), self._step_encoder_flops],
+                         dtype=torch.float64, device=torch.cuda.current_device())
         dist.all_reduce(n, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        return int(n.item())
+        return n.tolist()
+
+    def tokens_per_modality(self) -> Dict[str, int]:
+        """Tokens (rows x seq_length) each modality carried in the last step, over all DP ranks."""
+        rows = self.cfg.train.micro_batch_size * parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+        return {m: n * rows * self.cfg.data.seq_length for m, n in self._step_microbatches.items()}
 
     # ---------------------------------------------------------------- validation / adaptive balance
 

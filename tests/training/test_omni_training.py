@@ -63,6 +63,7 @@ def test_train_and_resume_exactly(tmp_path):
     rows = metrics(full)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[0]["skipped_samples"] == 0 and "audio_gen_loss" in rows[0]
+    assert rows[0]["encoder_flops"] > 0 and set(rows[0]["tokens_per_s_by_modality"]) == set(rows[0]["losses"])
     resumed = tmp_path / "resumed"
     train(2, resumed, overrides + ["train.exit_interval=2"], cache_dir=tmp_path / "cache", config=CONFIG)
     train(2, resumed, overrides + [f"train.load={resumed / 'checkpoints'}"], cache_dir=tmp_path / "cache",
