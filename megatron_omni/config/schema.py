@@ -99,6 +99,10 @@ class OptimizerConfig:
     start_weight_decay: Optional[float] = None
     end_weight_decay: Optional[float] = None
     weight_decay_incr_style: str = "constant"
+    # Omni runs: a separate learning rate for the vision / audio encoders (paper Table 2 "LR of
+    # Encoders", e.g. 1e-6 in PT-2 with LR 1e-5); None = the encoders use `lr`.
+    encoder_lr: Optional[float] = None
+    encoder_min_lr: Optional[float] = None  # None = encoder_lr * min_lr / lr
 
 
 @dataclass

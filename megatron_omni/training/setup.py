@@ -71,6 +71,26 @@ def wrap_ddp(cfg: RunConfig, chunks: List[torch.nn.Module], dtype: torch.dtype) 
     return wrapped
 
 
+def encoder_lr_overrides(cfg: RunConfig) -> Dict[ParamKey, ParamGroupOverride]:
+    """Paper Table 2 "LR of Encoders": the vision / audio encoders (not their connectors) in their
+    own megatron parameter group with `optimizer.encoder_lr` / `encoder_min_lr`."""
+    o = cfg.optimizer
+    if cfg.omni is None or o.encoder_lr is None:
+        return {}
+    from megatron.core.optimizer.optimizer_config import ParamWithNamePredicate
+
+    from megatron_omni.models.omni import module_of
+
+    def is_encoder(param, name: str) -> bool:
+        while name.startswith("module."):  # DDP / Float16Module wrappers
+            name = name[len("module."):]
+        return module_of(name) in ("vision_encoder", "audio_encoder")
+
+    key = ParamKey(with_name_predicate=ParamWithNamePredicate(name="omni_encoders", fn=is_encoder))
+    min_lr = o.encoder_min_lr if o.encoder_min_lr is not None else o.encoder_lr * o.min_lr / o.lr
+    return {key: ParamGroupOverride(max_lr=o.encoder_lr, min_lr=min_lr)}
+
+
 def build_optimizer(
     cfg: RunConfig, model: List[DistributedDataParallel], dtype: torch.dtype,
     param_group_hook: Optional[ParamGroupHook] = None,
@@ -90,8 +110,9 @@ def build_optimizer(
         params_dtype=dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    overrides = param_group_hook(cfg) if param_group_hook else None
-    optimizer = get_megatron_optimizer(mcore_cfg, model, config_overrides=overrides)
+    overrides = dict(param_group_hook(cfg) or {}) if param_group_hook else {}
+    overrides.update(encoder_lr_overrides(cfg))
+    optimizer = get_megatron_optimizer(mcore_cfg, model, config_overrides=overrides or None)
     decay_steps = o.lr_decay_steps or cfg.train.steps
     scheduler = OptimizerParamScheduler(
         optimizer,
