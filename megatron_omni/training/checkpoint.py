@@ -104,8 +104,9 @@ def _sharded_state_dict(state: TrainState, *, is_loading: bool, with_optimizer: 
     else:
         for i, chunk in enumerate(chunks):
             sd[f"model{i}"] = chunk.sharded_state_dict(metadata=metadata)
-    if with_optimizer:
+    if with_optimizer and optimizer_holds_params(state.optimizer):
         sd["optimizer"] = state.optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=metadata)
+    if with_optimizer:
         sd["scheduler"] = state.scheduler.state_dict()
         sd["train_state"] = {"step": state.step, "consumed_samples": state.consumed_samples}
     if with_rng:
@@ -152,6 +153,12 @@ def _prune(root: str, keep_last: int) -> None:
     steps = sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit())
     for step in steps[:-keep_last]:
         shutil.rmtree(checkpoint_dir(root, step), ignore_errors=True)
+
+
+def optimizer_holds_params(optimizer) -> bool:
+    """False on a rank whose model part is entirely frozen (e.g. a pipeline stage of the LLM while
+    only the connectors train, paper Table 2 PT-1): megatron's optimizer has no state to save there."""
+    return any(len(g["params"]) for g in optimizer.param_groups)
 
 
 def _prime_torch_adam_state(optimizer) -> None:
@@ -245,7 +252,8 @@ def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> 
         for i, chunk in enumerate(chunks):
             chunk.load_state_dict(loaded[f"model{i}"], strict=True)
     if with_optimizer:
-        _load_optimizer(state.optimizer, loaded["optimizer"])
+        if "optimizer" in loaded:
+            _load_optimizer(state.optimizer, loaded["optimizer"])
         state.scheduler.load_state_dict(loaded["scheduler"])
         state.step = loaded["train_state"]["step"]
         state.consumed_samples = loaded["train_state"]["consumed_samples"]
