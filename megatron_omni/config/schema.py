@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from megatron_omni.models.moe.config import MoEConfig
+
 
 @dataclass
 class ModelConfig:
@@ -47,6 +49,8 @@ class ModelConfig:
     recompute_granularity: Optional[str] = None  # None | full | selective
     recompute_method: Optional[str] = None  # uniform | block (with full)
     recompute_num_layers: Optional[int] = None
+    # Mixture-of-experts MLPs (models/moe/config.py); None = dense SwiGLU MLPs.
+    moe: Optional[MoEConfig] = None
 
     @property
     def head_dim(self) -> int:

@@ -25,7 +25,10 @@ What is redirected, and why:
   (f) `moe_utils.te_general_gemm` is defined as None (megatron 0.16 leaves it undefined
       when Transformer Engine is missing, a NameError in the MoE router);
   (g) megatron's "CPU RNG state changed within GPU RNG context" warning is filtered: with
-      one generator standing in for both, every RNG use inside a fork trips it.
+      one generator standing in for both, every RNG use inside a fork trips it;
+  (h) the MoE all-to-all dispatcher's split sizes: megatron turns them into numpy arrays only
+      when they are CUDA tensors (`maybe_move_tensor_to_cpu(..., as_numpy=True)`); emulated they
+      are CPU tensors already, which `all_to_all_single` rejects, so CPU tensors convert too.
 """
 
 from __future__ import annotations
@@ -155,7 +158,19 @@ def _patches() -> List[Tuple[Any, str, Any]]:
             patches.append((moe_utils, "te_general_gemm", None))
     except ImportError:
         pass
+    try:  # (h) MoE all-to-all split sizes as numpy, as on a GPU
+        import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+
+        patches.append((token_dispatcher, "maybe_move_tensor_to_cpu", _cpu_maybe_move_tensor_to_cpu))
+    except ImportError:
+        pass
     return patches
+
+
+def _cpu_maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
 
 
 _MISSING = object()
