@@ -142,7 +142,7 @@ class NullExpertRouter(TopKRouter):
 
     def _attach_real_expert_aux_loss(self, real_probs, logits, real_map_before_drop, coeff):
         scores = torch.softmax(logits, dim=-1, dtype=torch.float32)[:, : self.num_real]
-        tokens_per_expert, local_tokens, total_tokens = get_tokens_per_expert_and_token_count(
+        tokens_per_expert, _, total_tokens = get_tokens_per_expert_and_token_count(
             routing_map=real_map_before_drop, reduce_group=self.tp_cp_group, topk=self.topk
         )
         aux_loss = switch_load_balancing_loss_func(
@@ -154,7 +154,12 @@ class NullExpertRouter(TopKRouter):
             moe_aux_loss_coeff=coeff,
             fused=False,
         )
-        self.counter.record_aux_loss(aux_loss.detach() / coeff)
+        self.counter.record_aux_loss(aux_loss.detach() / coeff, group_size=self.tp_cp_group.size())
+        # Per-token loss convention: the micro-batch's aux loss is weighted by its token count T
+        # (finalize_model_grads divides every gradient by the global token count).  Under sequence /
+        # context parallelism each rank holds a partial sum aux_j (sum_j aux_j = aux), so each is
+        # weighted by the full T of its TP x CP group.  megatron weights by the rank's T / (tp * cp),
+        # which shrinks the balancing gradient by tp * cp relative to a single-rank run.
         return self.attach_and_log_load_balancing_loss(
-            real_probs, coeff, aux_loss, "load_balancing_loss", self.tp_cp_group, valid_token_count=local_tokens
+            real_probs, coeff, aux_loss, "load_balancing_loss", self.tp_cp_group, valid_token_count=total_tokens
         )

@@ -50,10 +50,13 @@ class RoutingCounter:
         row[-3] += all_null
 
     @torch.no_grad()
-    def record_aux_loss(self, value: torch.Tensor) -> None:
+    def record_aux_loss(self, value: torch.Tensor, group_size: int = 1) -> None:
+        """`value`: this rank's share of the micro-batch's aux loss.  Under sequence / context
+        parallelism the `group_size` ranks of a TP x CP group hold partial sums, so each counts as
+        1 / group_size of a forward and the collected mean is the full loss."""
         row = self.counts[self.modality]
         row[-2] += float(value)
-        row[-1] += 1.0
+        row[-1] += 1.0 / group_size
 
 
 def _routers(model) -> Iterator[torch.nn.Module]:
