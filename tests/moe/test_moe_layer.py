@@ -176,3 +176,27 @@ def test_routing_stats_sum_to_one_per_layer_and_modality(world):
             assert layer["tokens"] == 64 * (2 if modality == "text" else 1)
             assert 0.0 <= layer["all_null_token_rate"] <= 1.0
     assert collect_routing_stats(chunks) == {}  # reset after collecting
+
+
+def test_capacity_factor_drops_lowest_probability_selections(world):
+    model = tiny_moe_model(aux_loss_coeff=0.0, capacity_factor=0.5)
+    router = _build(model)[0].decoder.layers[0].mlp.router
+    E, k = model.moe.num_experts, model.moe.router_topk
+    torch.manual_seed(3)
+    x = torch.randn(TOKENS, BATCH, model.hidden_size)
+    with torch.no_grad():
+        probs, routing_map = router(x)
+        # Independent: the same router without a capacity gives the selections; each expert then
+        # keeps its `capacity` highest-probability tokens (megatron's "probs" drop policy).
+        router.config.moe_expert_capacity_factor = None
+        free_probs, free_map = router(x)
+    T = TOKENS * BATCH
+    capacity = math.ceil(T * k / E * 0.5)
+    expected = torch.zeros_like(free_map)
+    for e in range(E):
+        chosen = torch.nonzero(free_map[:, e]).flatten()
+        keep = chosen[free_probs[chosen, e].argsort(descending=True)[:capacity]]
+        expected[keep, e] = True
+    assert torch.equal(routing_map, expected)
+    assert routing_map.sum(0).max() <= capacity < free_map.sum(0).max()
+    assert torch.equal(probs, free_probs * expected)
