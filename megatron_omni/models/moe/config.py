@@ -4,7 +4,7 @@ Kept free of torch / megatron imports: `config/schema.py` types `ModelConfig.moe
 
 Names follow megatron-core's TransformerConfig `moe_*` fields where megatron has the
 concept (so Megatron-LM users recognise them); the Uni-MoE 2.0 additions are
-`num_null_experts` and `router_type: topp` (dynamic capacity, arXiv:2511.12609 Sec. 3,
+`num_null_experts` and `router_type: topp` (dynamic capacity, Uni-MoE 2.0, arXiv:2511.12609,
 "Dynamic-Capacity MoE": shared + routed + null experts, top-P routing bounded by top-K).
 """
 
@@ -36,7 +36,9 @@ class MoEConfig:
     shared_expert_gate: bool = False
     # Switch-Transformer load-balancing loss over the real experts (see router.py); 0 = off.
     aux_loss_coeff: float = 1e-2
-    z_loss_coeff: Optional[float] = None  # ST-MoE router z-loss (arXiv:2202.08906 Eq. 5)
+    # ST-MoE router z-loss (arXiv:2202.08906 Eq. 5), megatron's implementation: under sequence / context
+    # parallelism megatron weights it by the rank's token share (its gradient shrinks by tp * cp).
+    z_loss_coeff: Optional[float] = None
     token_dispatcher_type: str = "alltoall"  # alltoall | allgather
     # Token dropping (megatron): None = dropless; else each expert takes at most
     # capacity_factor * tokens * k / E tokens, dropping by token_drop_policy.

@@ -22,7 +22,8 @@ arXiv:2101.03961 Eq. 4, as megatron's `switch_load_balancing_loss_func` computes
     f_i = (1 / (T k)) * #{selections of real expert i}      (from the routing map, pre-drop)
     P_i = (1 / T) * sum_x s_i(x)                              (s = softmax over all E + N)
 
-T = tokens of the micro-batch over the TP x CP group.  Null experts are absent from the sum:
+T = tokens of the micro-batch over the TP x CP group; the loss is weighted by that T (not by the
+rank's share, as megatron does), so its gradient is the same at every TP / CP / EP layout.  Null experts are absent from the sum:
 they hold no parameters and nothing needs balancing on them, while their probability mass
 still lowers the P_i of real experts, so the loss does not push tokens off the null experts.
 With top-p, k is the upper bound (megatron's normalisation by T k is kept).
