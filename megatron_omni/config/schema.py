@@ -14,6 +14,7 @@ from typing import List, Optional
 from megatron_omni.models.audio.config import AudioConfig
 from megatron_omni.models.vision.config import VisionConfig
 from megatron_omni.balance.config import SchedulerConfig
+from megatron_omni.models.moe.config import MoEConfig
 
 
 @dataclass
@@ -51,6 +52,8 @@ class ModelConfig:
     recompute_granularity: Optional[str] = None  # None | full | selective
     recompute_method: Optional[str] = None  # uniform | block (with full)
     recompute_num_layers: Optional[int] = None
+    # Mixture-of-experts MLPs (models/moe/config.py); None = dense SwiGLU MLPs.
+    moe: Optional[MoEConfig] = None
 
     @property
     def head_dim(self) -> int:

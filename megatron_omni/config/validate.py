@@ -110,5 +110,53 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             f"parallel.cp={p.cp} needs Transformer Engine attention (megatron's local attention has no "
             "context parallelism); run with TE on GPU or set parallel.cp=1"
         )
+    _validate_moe(cfg)
     if not cfg.data.blend:
         raise ConfigError("data.blend is empty: name at least one data source (path: ..., weight: ...)")
+
+
+def _validate_moe(cfg: RunConfig) -> None:
+    """model.moe and expert parallelism (megatron would assert deep inside layer construction)."""
+    moe, p = cfg.model.moe, cfg.parallel
+    if moe is None:
+        if p.ep > 1:
+            raise ConfigError(f"parallel.ep={p.ep} needs an MoE model: add a model.moe section or set parallel.ep=1")
+        return
+    choices = {
+        "router_type": ("topk", "topp"),
+        "token_dispatcher_type": ("alltoall", "allgather"),
+        "token_drop_policy": ("probs", "position"),
+    }
+    for key, allowed in choices.items():
+        if getattr(moe, key) not in allowed:
+            raise ConfigError(f"model.moe.{key}={getattr(moe, key)!r} is not one of {list(allowed)}")
+    if moe.num_experts < 1 or moe.num_null_experts < 0:
+        raise ConfigError(
+            f"model.moe needs num_experts >= 1 and num_null_experts >= 0, got {moe.num_experts}, {moe.num_null_experts}"
+        )
+    if moe.num_experts % p.ep:
+        raise ConfigError(f"model.moe.num_experts={moe.num_experts} is not divisible by parallel.ep={p.ep}")
+    if not 1 <= moe.router_topk <= moe.num_router_outputs:
+        raise ConfigError(
+            f"model.moe.router_topk={moe.router_topk} must be in [1, num_experts + num_null_experts = "
+            f"{moe.num_router_outputs}]"
+        )
+    if moe.router_type == "topp" and not 0.0 < moe.router_topp <= 1.0:
+        raise ConfigError(f"model.moe.router_topp={moe.router_topp} must be in (0, 1]")
+    if moe.ffn_hidden_size % p.tp:
+        raise ConfigError(f"model.moe.ffn_hidden_size={moe.ffn_hidden_size} is not divisible by parallel.tp={p.tp}")
+    shared = moe.shared_expert_ffn_hidden_size
+    if shared is not None and (shared < 1 or shared % p.tp):
+        raise ConfigError(
+            f"model.moe.shared_expert_ffn_hidden_size={shared} must be positive and divisible by parallel.tp={p.tp}"
+        )
+    if moe.shared_expert_gate and shared is None:
+        raise ConfigError("model.moe.shared_expert_gate=true needs model.moe.shared_expert_ffn_hidden_size")
+    if moe.capacity_factor is not None and moe.capacity_factor <= 0:
+        raise ConfigError(f"model.moe.capacity_factor={moe.capacity_factor} must be > 0 (or null for dropless)")
+    if moe.pad_expert_input_to_capacity and moe.capacity_factor is None:
+        raise ConfigError("model.moe.pad_expert_input_to_capacity=true needs model.moe.capacity_factor")
+    if moe.expected_null_rate is not None and not 0.0 <= moe.expected_null_rate < 1.0:
+        raise ConfigError(f"model.moe.expected_null_rate={moe.expected_null_rate} must be in [0, 1)")
+    if p.tp > 1 and not p.sequence_parallel:
+        raise ConfigError("an MoE model with parallel.tp > 1 needs parallel.sequence_parallel=true (megatron MoE rule)")

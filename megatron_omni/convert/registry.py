@@ -7,6 +7,7 @@ from typing import Any, Dict, List
 from megatron_omni.convert.errors import ConversionError
 from megatron_omni.convert.llama import LLAMA
 from megatron_omni.convert.mapping import ModelTable
+from megatron_omni.convert.moe import QWEN2_MOE_TABLE
 
 TABLES: Dict[str, ModelTable] = {}
 
@@ -19,6 +20,7 @@ def register(table: ModelTable) -> ModelTable:
 
 
 register(LLAMA)
+register(QWEN2_MOE_TABLE)
 
 
 def table_named(name: str) -> ModelTable:

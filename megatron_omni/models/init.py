@@ -16,6 +16,7 @@ padding start at zero so they do not depend on the (TP-dependent) amount of padd
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from typing import Iterable, Optional, Tuple
 
@@ -27,6 +28,12 @@ from megatron_omni.parallel import layout
 
 _RESIDUAL_OUTPUTS = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
 _VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+# MoE: every expert's fc2 (routed, shared; TE grouped GEMM names end in weight{i}) is a residual output.
+_EXPERT_FC2 = re.compile(r".*\.mlp\.(experts|shared_experts)\..*linear_fc2\.weight\d*$")
+
+
+def _is_residual_output(name: str) -> bool:
+    return name.endswith(_RESIDUAL_OUTPUTS) or bool(_EXPERT_FC2.match(name))
 
 
 def _draw_full(param: torch.Tensor, full_shape, seed: int, seed_name: str, std: float, rows=None) -> torch.Tensor:
@@ -58,7 +65,7 @@ def init_weights_layout_invariant(
                 continue
             if param.dim() < 2:
                 raise RuntimeError(f"no initialisation rule for parameter {name} {tuple(param.shape)}")
-            std = residual_std if name.endswith(_RESIDUAL_OUTPUTS) else model.init_method_std
+            std = residual_std if _is_residual_output(name) else model.init_method_std
             # A tied output layer (last stage copy with PP > 1) starts as the embedding.
             seed_name = _VOCAB_PARAMS[0] if model.tie_word_embeddings and name.endswith(_VOCAB_PARAMS) else name
             rows = (vocab_size or model.vocab_size) if name.endswith(_VOCAB_PARAMS) else None  # padding rows stay 0

@@ -32,6 +32,11 @@ def transformer_config(
             fp8_amax_history_len=model.fp8_amax_history_len,
             fp8_amax_compute_algo=model.fp8_amax_compute_algo,
         )
+    moe = {}
+    if model.moe is not None:
+        from megatron_omni.models.moe.spec import moe_transformer_fields
+
+        moe = moe_transformer_fields(model.moe)
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -78,10 +83,15 @@ def transformer_config(
         recompute_method=model.recompute_method,
         recompute_num_layers=model.recompute_num_layers,
         **fp8,
+        **moe,
     )
 
 
-def layer_spec(kernels: Kernels) -> ModuleSpec:
+def layer_spec(kernels: Kernels, model: Optional[ModelConfig] = None) -> ModuleSpec:
+    if model is not None and model.moe is not None:
+        from megatron_omni.models.moe.spec import moe_layer_spec
+
+        return moe_layer_spec(model.moe, kernels)
     if kernels.transformer_engine:
         return get_gpt_layer_with_transformer_engine_spec()
     return get_gpt_layer_local_spec(normalization="RMSNorm")
@@ -95,7 +105,7 @@ def gpt_model_kwargs(
     virtual stage.  `vocab_size` overrides `model.vocab_size` (the omni model's extended vocabulary)."""
     kernels = detect_kernels(model.transformer_impl)
     config = transformer_config(model, parallel, params_dtype, kernels)
-    spec = layer_spec(kernels)
+    spec = layer_spec(kernels, model)
     vocab = model.padded_vocab_size(parallel.tp, vocab_size)
     out = []
     for vp_stage in range(parallel.vpp or 1):

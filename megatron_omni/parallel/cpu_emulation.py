@@ -25,12 +25,24 @@ What is redirected, and why:
   (f) `moe_utils.te_general_gemm` is defined as None (megatron 0.16 leaves it undefined
       when Transformer Engine is missing, a NameError in the MoE router);
   (g) megatron's "CPU RNG state changed within GPU RNG context" warning is filtered: with
-      one generator standing in for both, every RNG use inside a fork trips it.
+      one generator standing in for both, every RNG use inside a fork trips it;
+  (h) the MoE all-to-all dispatcher's split sizes: megatron turns them into numpy arrays only
+      when they are CUDA tensors (`maybe_move_tensor_to_cpu(..., as_numpy=True)`); emulated they
+      are CPU tensors already, which `all_to_all_single` rejects, so CPU tensors convert too;
+  (i) sequence parallelism for the local spec's `WrappedTorchNorm` (megatron asserts it off: its
+      GPU norms are TE/apex).  A norm is per token, so it runs unchanged on a sequence shard; the
+      weight gets the `sequence_parallel` mark with which finalize_model_grads all-reduces its
+      gradient over TP, as TE's norms do.  MoE with TP > 1 needs it (megatron requires SP there);
+  (j) list-form `all_gather` / `reduce_scatter` with uneven pieces (the MoE dispatcher's expert-TP
+      gather/scatter of a variable token count): NCCL takes uneven pieces, gloo does not, so the
+      pieces are padded to the largest (all_gather) or reduced whole with all_reduce and sliced
+      (reduce_scatter).  Same results, more bytes -- test infrastructure only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import threading
 from typing import Any, Dict, List, Tuple
@@ -155,7 +167,78 @@ def _patches() -> List[Tuple[Any, str, Any]]:
             patches.append((moe_utils, "te_general_gemm", None))
     except ImportError:
         pass
+    try:  # (h) MoE all-to-all split sizes as numpy, as on a GPU
+        import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+
+        patches.append((token_dispatcher, "maybe_move_tensor_to_cpu", _cpu_maybe_move_tensor_to_cpu))
+    except ImportError:
+        pass
+    patches += [  # (j)
+        (torch.distributed, "all_gather", _uneven_all_gather(torch.distributed.all_gather)),
+        (torch.distributed, "reduce_scatter", _reduce_scatter_by_all_reduce),
+    ]
+    try:  # (i) sequence-parallel local norms
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        patches.append((WrappedTorchNorm, "__new__", _sequence_parallel_torch_norm(WrappedTorchNorm.__new__)))
+    except ImportError:
+        pass
     return patches
+
+
+def _uneven_all_gather(original):
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        if len({tuple(t.shape) for t in tensor_list}) <= 1:
+            return original(tensor_list, tensor, group=group, async_op=async_op)
+        if async_op:
+            raise NotImplementedError("CPU emulation: async all_gather of uneven pieces")
+        rows = max(t.shape[0] for t in tensor_list)
+        padded_input = tensor.new_zeros((rows, *tensor.shape[1:]))
+        padded_input[: tensor.shape[0]] = tensor
+        padded = [tensor.new_empty((rows, *tensor.shape[1:])) for _ in tensor_list]
+        original(padded, padded_input, group=group)
+        for out, piece in zip(tensor_list, padded):
+            out.copy_(piece[: out.shape[0]])
+        return None
+
+    return all_gather
+
+
+def _reduce_scatter_by_all_reduce(output, input_list, op=None, group=None, async_op=False):
+    import torch.distributed as dist
+
+    if async_op:
+        raise NotImplementedError("CPU emulation: async reduce_scatter")
+    flat = torch.cat([t.reshape(-1) for t in input_list])
+    dist.all_reduce(flat, op=op if op is not None else dist.ReduceOp.SUM, group=group)
+    rank = dist.get_rank(group)
+    start = sum(t.numel() for t in input_list[:rank])
+    output.copy_(flat[start : start + output.numel()].view_as(output))
+    return None
+
+
+def _sequence_parallel_torch_norm(original_new):
+    def new(cls, config, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original_new(cls, config, *args, **kwargs)
+        norm = original_new(cls, _without_sequence_parallel(config), *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    return new
+
+
+def _without_sequence_parallel(config):
+    clone = copy.copy(config)
+    object.__setattr__(clone, "sequence_parallel", False)
+    return clone
+
+
+def _cpu_maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
 
 
 _MISSING = object()

@@ -31,7 +31,8 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 
 
 def global_named_parameters(chunk: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Parameter]]:
-    """named_parameters() of an (unwrapped) chunk with pipeline-local layer indices made global."""
+    """named_parameters() of an (unwrapped) chunk with pipeline-local layer indices and
+    expert-parallel-local expert indices made global."""
     chunk = unwrap(chunk)
     layers = getattr(getattr(chunk, "decoder", None), "layers", [])
     local_to_global = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(layers)}
@@ -40,7 +41,28 @@ def global_named_parameters(chunk: torch.nn.Module) -> Iterator[Tuple[str, torch
         m = re.match(r"(decoder\.layers\.)(\d+)(\..*)", name)
         if m:
             name = m.group(1) + local_to_global[m.group(2)] + m.group(3)
-        yield name, param
+        yield _global_expert_name(chunk, name), param
+
+
+# MoE experts: SequentialMLP `experts.local_experts.{i}.` and TE grouped GEMM `experts.linear_fcN.weight{i}`.
+_LOCAL_EXPERT = re.compile(r"(.*\.experts\.local_experts\.)(\d+)(\..*)|(.*\.experts\.linear_fc[12]\.(?:weight|bias))(\d+)$")
+
+
+def _global_expert_name(chunk: torch.nn.Module, name: str) -> str:
+    """Local expert i on expert-parallel rank r is global expert r * num_local_experts + i."""
+    m = _LOCAL_EXPERT.match(name)
+    if not m:
+        return name
+    num_local = unwrap(chunk).config.num_moe_experts // parallel_state.get_expert_model_parallel_world_size()
+    offset = parallel_state.get_expert_model_parallel_rank() * num_local
+    if m.group(1) is not None:
+        return f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}"
+    return f"{m.group(4)}{int(m.group(5)) + offset}"
+
+
+def is_expert_parallel(param: torch.Tensor) -> bool:
+    """megatron marks parameters that differ across expert-parallel ranks with allreduce=False."""
+    return not getattr(param, "allreduce", True)
 
 
 def is_tp_sharded(param: torch.Tensor) -> bool:
@@ -105,11 +127,13 @@ def gather_full_model(chunks: Iterable[torch.nn.Module], *, grads: bool = False)
                 continue
             local = param.main_grad if grads else param.data
             full = gather(local.detach().float(), param, tp_group, gated=id(param) in gated)
-            if parallel_state.get_tensor_model_parallel_rank() == 0:
+            # One copy of each: DP rank 0 for dense parameters, expert-DP rank 0 for experts.
+            dp_rank = (parallel_state.get_expert_data_parallel_rank() if is_expert_parallel(param)
+                       else parallel_state.get_data_parallel_rank())
+            if parallel_state.get_tensor_model_parallel_rank() == 0 and dp_rank == 0:
                 mine[name] = full.cpu().clone()
-    keep = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
     everything = [None] * dist.get_world_size()
-    dist.all_gather_object(everything, mine if keep else {})
+    dist.all_gather_object(everything, mine)
     if dist.get_rank() != 0:
         return None
     merged: Dict[str, torch.Tensor] = {}

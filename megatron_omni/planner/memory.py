@@ -43,6 +43,7 @@ from typing import Dict
 from megatron_omni.config.schema import ModelConfig
 from megatron_omni.planner.cluster import GIB
 from megatron_omni.planner.layout import Job, Layout
+from megatron_omni.training import flops as F
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,12 @@ class ParamCounts:
     output: int  # padded_vocab x hidden when untied, else 0
     final_norm: int
     num_layers: int
+    # MoE: per layer, the routed experts' weights -- split over EP x TP (expert TP = TP).
+    layer_experts: int = 0
 
     @property
     def total(self) -> int:
-        return (self.num_layers * (self.layer_sharded + self.layer_replicated)
+        return (self.num_layers * (self.layer_sharded + self.layer_replicated + self.layer_experts)
                 + self.embedding + self.output + self.final_norm)
 
 
@@ -78,9 +81,16 @@ def param_counts(model: ModelConfig, tp: int = 1) -> ParamCounts:
     h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
     q, kv = model.num_attention_heads * d, model.num_query_groups * d
     vocab = model.padded_vocab_size(tp)
+    mlp, experts, router = h * 2 * f + f * h, 0, 0
+    if model.moe is not None:  # shared expert (TP-split), routed experts (EP x TP), router (replicated)
+        moe = model.moe
+        mlp = 3 * h * (moe.shared_expert_ffn_hidden_size or 0) + (h if moe.shared_expert_gate else 0)
+        experts = moe.num_experts * 3 * h * moe.ffn_hidden_size
+        router = moe.num_router_outputs * h
     return ParamCounts(
-        layer_sharded=h * (q + 2 * kv) + q * h + h * 2 * f + f * h,
-        layer_replicated=2 * h,
+        layer_sharded=h * (q + 2 * kv) + q * h + mlp,
+        layer_replicated=2 * h + router,
+        layer_experts=experts,
         embedding=vocab * h,
         output=0 if model.tie_word_embeddings else vocab * h,
         final_norm=h,
@@ -94,7 +104,7 @@ def stage_params_per_gpu(model: ModelConfig, layout: Layout, rank: int) -> Dict[
     pc = param_counts(model, layout.tp)
     layers = model.num_layers // layout.pp
     first, last = rank == 0, rank == layout.pp - 1
-    linear = layers * pc.layer_sharded // layout.tp
+    linear = layers * pc.layer_sharded // layout.tp + layers * pc.layer_experts // (layout.tp * layout.ep)
     other = layers * pc.layer_replicated
     if first:
         other += pc.embedding // layout.tp
@@ -118,7 +128,8 @@ def model_state_bytes_per_param(dp_shards: int, a: MemoryAssumptions) -> Dict[st
 
 def layer_activation_bytes_per_token(model: ModelConfig, job: Job, layout: Layout, a: MemoryAssumptions) -> float:
     """Bytes one decoder layer keeps per (local) token for its backward, before TP/SP division."""
-    h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
+    h, d = model.hidden_size, model.head_dim
+    f = F.mlp_hidden_per_token(model)  # MoE: the experts a token runs keep their activations
     q, kv = model.num_attention_heads * d, model.num_query_groups * d
     gemm_in = 1.0 if job.fp8 else 2.0
     attention = 2 * h + gemm_in * h + 2 * q + 2 * 2 * kv + 2 * q + (q if job.fp8 else 0)

@@ -84,10 +84,8 @@ def _divisors(n: int) -> List[int]:
 
 
 def ep_choices(model: ModelConfig) -> Sequence[int]:
-    """Expert-parallel sizes to try.  The schema has no MoE fields yet: dense models get ep=1;
-    an MoE config would return the divisors of its expert count here."""
-    experts = getattr(model, "num_moe_experts", None)
-    return _divisors(experts) if experts else (1,)
+    """Expert-parallel sizes to try: dense models ep=1, MoE the divisors of the routed-expert count."""
+    return _divisors(model.moe.num_experts) if model.moe is not None else (1,)
 
 
 def candidates(job: Job, cluster: Cluster) -> Iterator[Layout]:

@@ -117,7 +117,7 @@ def _layer_gemm_forward_flops(job: Job, tokens: int) -> float:
     return F.attention_forward_flops(
         tokens, 0, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups, head_dim=m.head_dim,
-    ) + F.mlp_forward_flops(tokens, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size)
+    ) + F.decoder_mlp_forward_flops(m, tokens)
 
 
 def rank_flops_per_microbatch(job: Job, layout: Layout, last: bool) -> Tuple[float, float]:
@@ -153,7 +153,7 @@ def elementwise_bytes_per_token_layer(job: Job) -> float:
     h^2 -- the reason small models reach a lower fraction of peak.
     """
     m = job.model
-    h, f = m.hidden_size, m.ffn_hidden_size
+    h, f = m.hidden_size, F.mlp_hidden_per_token(m)  # MoE: the experts a token runs
     q, kv = m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim
     forward = 2 * 4 * h + 2 * 6 * h + 2 * 2 * (q + kv) + 6 * f
     return 3.0 * forward

@@ -24,9 +24,13 @@ instead of ``(sum L_i)^2``; every other term is linear in the token count.
 Extension points: the model total is the sum of one function per component
 (`attention_forward_flops`, `mlp_forward_flops`, `logits_forward_flops`), each
 a forward count.  A vision/audio encoder adds its own layers' forward FLOPs
-(non-causal attention: ``causal=False``) to `llm_forward_flops`; an MoE layer
-calls `mlp_forward_flops` with ``ffn_hidden_size * topk`` (only the experts a
-token is routed to are computed) plus the shared experts'.
+(non-causal attention: ``causal=False``) to `llm_forward_flops`.
+
+MoE (``model.moe``, `decoder_mlp_forward_flops`): only computed experts count -- the
+shared expert on every token, plus ``k x (1 - null rate)`` routed experts per token
+(`MoEConfig.routed_experts_per_token`: null selections are never dispatched, so they cost
+nothing; with top-p routing k is an upper bound).  The router GEMM (``2 h (E+N)`` per
+token) is not counted, like the other small terms above.
 """
 
 from __future__ import annotations
@@ -97,6 +101,20 @@ def mlp_forward_flops(
     return float(FMA_FACTOR * num_tokens * hidden_size * ffn_hidden_size * num_matrices)
 
 
+def mlp_hidden_per_token(model: ModelConfig) -> float:
+    """SwiGLU inner width one token actually computes per layer: the dense MLP's, or for MoE
+    the shared expert's plus the expected routed experts' (see the module docstring)."""
+    moe = model.moe
+    if moe is None:
+        return float(model.ffn_hidden_size)
+    return float(moe.shared_expert_ffn_hidden_size or 0) + moe.ffn_hidden_size * moe.routed_experts_per_token()
+
+
+def decoder_mlp_forward_flops(model: ModelConfig, num_tokens: int) -> float:
+    """Forward FLOPs of one decoder layer's MLP (dense, or MoE counting computed experts only)."""
+    return mlp_forward_flops(num_tokens, hidden_size=model.hidden_size, ffn_hidden_size=mlp_hidden_per_token(model))
+
+
 def logits_forward_flops(num_tokens: int, *, hidden_size: int, padded_vocab: int) -> float:
     """Forward FLOPs of the output layer on every token (tied or not: same GEMM)."""
     return float(FMA_FACTOR * num_tokens * hidden_size * padded_vocab)
@@ -129,9 +147,7 @@ def llm_forward_flops(
         num_query_groups=model.num_query_groups,
         head_dim=model.head_dim,
         causal=causal,
-    ) + mlp_forward_flops(
-        num_tokens, hidden_size=model.hidden_size, ffn_hidden_size=model.ffn_hidden_size
-    )
+    ) + decoder_mlp_forward_flops(model, num_tokens)
     vocab = model.padded_vocab_size(tp)
     logits = logits_forward_flops(num_tokens, hidden_size=model.hidden_size, padded_vocab=vocab)
     return model.num_layers * per_layer + logits

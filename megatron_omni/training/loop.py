@@ -13,6 +13,7 @@ import torch.distributed as dist
 from megatron_omni.config import RunConfig, data_parallel_size, dump_config, validate
 from megatron_omni.models.init import init_weights_layout_invariant
 from megatron_omni.models.llama import build_llama_chunks
+from megatron_omni.models.moe.stats import collect_routing_stats
 from megatron_omni.parallel.initialize import initialize_distributed, set_random_seeds
 from megatron_omni.parallel.layout import unwrap
 from megatron_omni.training import flops
@@ -186,6 +187,8 @@ def pretrain(
                 new_weights = omni_data.update_balance(row["val_losses"])
                 if new_weights is not None:
                     row["adaptive_weights"] = new_weights
+        if cfg.model.moe is not None:
+            row["moe"] = collect_routing_stats(state.model)  # collective: every rank takes part
         if profiler is not None:
             row["timers"] = profiler.step_end(state.step, row)  # collective: every rank takes part
         if t.eval_interval and state.step % t.eval_interval == 0 and data is not None and data.valid is not None:

@@ -74,6 +74,10 @@ def omni_forward_step(data_iterator: Iterator[PlannedMicrobatch], model: torch.n
         media = dict(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
                      pixel_values_videos=batch.pixel_values_videos, video_grid_thw=batch.video_grid_thw,
                      audio_features=batch.audio_features, audio_lengths=batch.audio_lengths)
+    if inner.config.num_moe_experts:  # routing statistics per modality (Uni-MoE 2.0 style backbone)
+        from megatron_omni.models.moe.stats import set_current_modality
+
+        set_current_modality(inner, batch.modality)
     output = model(batch.tokens if inner.pre_process else None, batch.position_ids, mask,
                    labels=batch.labels if inner.post_process else None, **media)
     return output, partial(omni_loss, batch, inner.vocab, planned.loss_scale)
