@@ -130,6 +130,11 @@ class DataConfig:
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
+    # Omni runs: the stage's data blend (a megatron_omni.data.blend.BlendConfig YAML: manifests
+    # per source, modality, weights, pure-text share, held-out validation, Table 2 media limits)
+    # and the folder its manifest and media paths are relative to.
+    omni_blend: Optional[str] = None
+    root: Optional[str] = None
     # Random microbatches of the configured model's shapes (Megatron-LM's --mock-data); for the
     # omni model: packed rows of every configured modality with random media.
     mock: bool = False
@@ -146,6 +151,10 @@ class TrainConfig:
     exit_interval: Optional[int] = None  # stop after this step, with a checkpoint
     load: Optional[str] = None  # checkpoints folder to resume from (latest one in it)
     finetune: bool = False  # load weights only: fresh optimizer, scheduler, step and data position
+    # Weights to start from when `load` holds no checkpoint yet (Megatron-Bridge's
+    # pretrained_checkpoint): a stage of the recipe starts from the previous stage's last
+    # checkpoint, and resumes from its own `load` folder after a restart.
+    pretrained_checkpoint: Optional[str] = None
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     log_interval: int = 1
     # megatron timers in every metrics row and log line (None = off): 0 step, 1 + schedule and

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_omni.config import RunConfig, data_parallel_size, dump_config, validate
+from megatron_omni.config import ConfigError, RunConfig, data_parallel_size, dump_config, validate
 from megatron_omni.models.init import init_weights_layout_invariant
 from megatron_omni.models.llama import build_llama_chunks
 from megatron_omni.models.moe.stats import collect_routing_stats
@@ -119,8 +119,12 @@ def pretrain(
 
         omni_data = build_omni_data(cfg, unwrap(state.model[0]).vocab, len(state.model), num_microbatches(cfg))
         state.data_state = omni_data.state_dict()  # asks the checkpoint for this rank's loader state
-    if t.load:
-        load_checkpoint(state, t.load, finetune=t.finetune)
+    resumed = load_checkpoint(state, t.load, finetune=t.finetune) is not None if t.load else False
+    if not resumed and t.pretrained_checkpoint:
+        # weights only: a new stage of the recipe starts from the previous one's last checkpoint
+        if load_checkpoint(state, t.pretrained_checkpoint, finetune=True) is None:
+            raise ConfigError(f"train.pretrained_checkpoint={t.pretrained_checkpoint} holds no checkpoint; "
+                              "run the previous stage first (or drop pretrained_checkpoint to start from scratch)")
     if omni_data is not None:
         if state.step > 0:
             omni_data.load_state_dict(state.data_state)

@@ -159,11 +159,12 @@ def build_omni_data(cfg: RunConfig, vocab, num_chunks: int, num_microbatches: in
         source = MockOmniData(cfg.omni, vocab, seq_length=cfg.data.seq_length,
                               micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, dp_rank=dp_rank)
         log.info("omni data: mock microbatches (data.mock=true), modalities %s", ", ".join(source.modalities))
+        text_share = None
     else:
-        raise NotImplementedError("omni data from manifests: set data.mock=true until the omni loader is wired")
+        source, text_share = build_blend_loader(cfg, vocab, dp_rank)
     balance = cfg.balance
-    if balance is None:  # every modality of the data in each update, equal weights, no fixed text share
-        balance = SchedulerConfig(mode="accumulation", modalities=list(source.modalities), pure_text_share=None)
+    if balance is None:  # every modality of the data in each update, equal weights, the blend's text share
+        balance = SchedulerConfig(mode="accumulation", modalities=list(source.modalities), pure_text_share=text_share)
     missing = [m for m in balance.modalities if m not in source.modalities]
     if missing:
         raise ValueError(f"balance.modalities {missing} have no data (data modalities: {list(source.modalities)})")
@@ -171,3 +172,29 @@ def build_omni_data(cfg: RunConfig, vocab, num_chunks: int, num_microbatches: in
     log.info("modality plan: %s over %s (pure-text share %s)", balance.mode, ", ".join(balance.modalities),
              balance.pure_text_share)
     return OmniData(cfg, source, scheduler, num_chunks, num_microbatches)
+
+
+def build_blend_loader(cfg: RunConfig, vocab, dp_rank: int):
+    """The stage's `OmniLoader` over `data.omni_blend` under `data.root`; returns (loader, the
+    blend's pure-text share when it has a text stream, else None)."""
+    from megatron_omni.config.loader import ConfigError
+    from megatron_omni.data.blend import load_blend
+    from megatron_omni.data.blend_loader import build_omni_loader
+    from megatron_omni.data.modality_stream import LoaderConfig
+    from megatron_omni.data.tokenizer import build_tokenizer
+
+    d = cfg.data
+    if not d.omni_blend or not d.root:
+        raise ConfigError("an omni run needs data.omni_blend (a stage blend YAML, e.g. configs/data/pt3.yaml) and "
+                          "data.root (the folder of its manifests; python tools/make_demo_data.py --out DIR "
+                          "builds the demo one), or data.mock=true")
+    blend = load_blend(d.omni_blend)
+    tokenizer = build_tokenizer(d, vocab_size=cfg.model.vocab_size)
+    loader = build_omni_loader(
+        blend, root=d.root, tokenizer=tokenizer, vocab=vocab, vision=cfg.omni.vision, audio=cfg.omni.audio,
+        config=LoaderConfig(seq_length=d.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                            seed=cfg.train.seed, pad_token_id=vocab.id("<|eot_id|>")),
+        dp_rank=dp_rank, dp_size=parallel_state.get_data_parallel_world_size())
+    log.info("omni data: blend %s (stage %s) under %s, modalities %s", d.omni_blend, blend.stage, d.root,
+             ", ".join(loader.modalities))
+    return loader, (blend.pure_text_share if "text" in loader.modalities else None)
