@@ -1,0 +1,106 @@
+"""Which decoder handles a file: DALI when it can, else PIL (images) / PyAV (video, audio).
+
+The choice is automatic per media kind, file type and what is installed, and logged once per
+(kind, backend) with the reason.  Force one with the loaders' `backend=` argument or the environment:
+
+    MEGATRON_OMNI_IMAGE_BACKEND = dali | pil
+    MEGATRON_OMNI_VIDEO_BACKEND = dali | pyav
+    MEGATRON_OMNI_AUDIO_BACKEND = dali | pyav
+
+A forced backend that cannot read a file (DALI CPU given H.264, DALI given MP3) raises MediaError.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Optional, Tuple
+
+from megatron_omni.data import dali
+
+logger = logging.getLogger("megatron_omni.data.media")
+
+BACKENDS = {"image": ("dali", "pil"), "video": ("dali", "pyav"), "audio": ("dali", "pyav")}
+ENV = {kind: f"MEGATRON_OMNI_{kind.upper()}_BACKEND" for kind in BACKENDS}
+# Containers DALI's audio decoder (libsndfile) reads; MP3 / AAC / M4A go through PyAV.
+DALI_AUDIO_FORMATS = frozenset({"wav", "flac", "ogg"})
+
+_logged = set()
+_lock = threading.Lock()
+
+
+def requested(kind: str, backend: Optional[str]) -> Optional[str]:
+    """The backend forced by argument or environment (argument wins), validated; None = automatic."""
+    name = backend or os.environ.get(ENV[kind], "").strip().lower() or None
+    if name is not None and name not in BACKENDS[kind]:
+        raise ValueError(f"{kind} backend {name!r} is not one of {BACKENDS[kind]} (argument or {ENV[kind]})")
+    if name == "dali" and not dali.available():
+        raise ValueError(f"{kind} backend 'dali' was forced but nvidia-dali is not installed "
+                         f"(pip install nvidia-dali-cuda130, or unset {ENV[kind]})")
+    return name
+
+
+def log_once(kind: str, backend: str, reason: str) -> None:
+    with _lock:
+        if (kind, backend) in _logged:
+            return
+        _logged.add((kind, backend))
+    logger.info("%s decoding: %s (%s)", kind, backend, reason)
+
+
+def choose_image(backend: Optional[str]) -> str:
+    forced = requested("image", backend)
+    if forced:
+        name, reason = forced, "forced"
+    elif dali.available():
+        name, reason = "dali", f"DALI {dali.device()} decoder{' (nvJPEG)' if dali.device() == 'gpu' else ''}"
+    else:
+        name, reason = "pil", "nvidia-dali not installed"
+    log_once("image", name, reason)
+    return name
+
+
+def choose_video(codec: str, backend: Optional[str]) -> Tuple[str, bool]:
+    """(backend, usable): usable is False when a forced DALI cannot decode this codec."""
+    forced = requested("video", backend)
+    supported = dali.available() and dali.video_codec_supported(codec)
+    if forced:
+        name, reason = forced, "forced"
+    elif supported:
+        name = "dali"
+        reason = f"DALI {dali.device()} decoder{' (NVDEC)' if dali.device() == 'gpu' else ''} for {codec}"
+    elif dali.available():
+        name, reason = "pyav", f"DALI's {dali.device()} video decoder does not support {codec}"
+    else:
+        name, reason = "pyav", "nvidia-dali not installed"
+    log_once("video", name, reason)
+    return name, name != "dali" or supported
+
+
+def sniff_audio(data: bytes) -> str:
+    """Container type from magic bytes: wav, flac, ogg, mp3 or other."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return "wav"
+    if data[:4] == b"fLaC":
+        return "flac"
+    if data[:4] == b"OggS":
+        return "ogg"
+    if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0):
+        return "mp3"
+    return "other"
+
+
+def choose_audio(fmt: str, backend: Optional[str]) -> Tuple[str, bool]:
+    forced = requested("audio", backend)
+    supported = dali.available() and fmt in DALI_AUDIO_FORMATS
+    if forced:
+        name, reason = forced, "forced"
+    elif supported:
+        name, reason = "dali", "DALI CPU decoder (libsndfile) + its sinc resampler"
+    elif dali.available():
+        name, reason = "pyav", f"DALI's audio decoder does not read {fmt} files"
+    else:
+        name, reason = "pyav", "nvidia-dali not installed"
+    log_once("audio", name, reason + ("" if name == "dali" else "; resampling with torchaudio"))
+    return name, name != "dali" or supported
