@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_omni.data.manifest import read_manifest  # noqa: E402
 from megatron_omni.data.media.synth import write_audio, write_image, write_video  # noqa: E402
 
 SAMPLE_RATE = 16000
@@ -315,6 +316,8 @@ def build_demo_data(out: str, seed: int = 0) -> Dict[str, int]:
     _video_source(w, random.Random(f"{seed}-video"))
     note = _audio_sources(w, random.Random(f"{seed}-audio"), np.random.RandomState(seed))
     counts = w.flush()
+    for source in counts:  # what we wrote must pass the loader's own validation
+        read_manifest(os.path.join(out, "manifests", f"{source}.jsonl"))
     if note:
         print(f"make_demo_data: {note}")
     return counts

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import importlib.util
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -105,6 +104,9 @@ def test_every_sample_builds(built, setup):
             assert torch.equal(s.labels[:-1], s.tokens[1:]) and s.loss_mask[-1] == 0
             assert s.modality == row.modality and row.id in s.sample_id
             assert s.loss_mask.sum() > 0, row.where
+            assert s.position_ids[:, 0].tolist() == [0, 0, 0]
+            if s.image_grid_thw is None and s.video_grid_thw is None:  # text and audio pads: 1D positions
+                assert torch.equal(s.position_ids, torch.arange(n).expand(3, n))
             # Placeholders = the model's own token counts for what the loaders returned.
             n_img = int(merged_token_counts(s.image_grid_thw, vision.spatial_merge_size).sum()) if (
                 s.image_grid_thw is not None) else 0
