@@ -117,7 +117,9 @@ class SentencePieceTokenizer(MegatronTokenizerText):
         return (type(self), (self.model_path,))
 
     # ChatTokenizer interface.  sentencepiece never matches control pieces (<s>, </s>) inside
-    # text, so `encode` parses no specials, like Llama3Tokenizer.encode.
+    # text, so `encode` parses no specials, like Llama3Tokenizer.encode.  It does prepend its
+    # dummy-prefix "▁" to every call, so each chat-template segment (header "\n\n", turn text)
+    # starts like a new word; consistent in training and inference, one extra piece per segment.
     def encode(self, text: str) -> List[int]:
         return self.tokenize(text)
 
