@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from megatron_omni.data import dali
-from megatron_omni.data.media.backends import choose_audio, sniff_audio
+from megatron_omni.data.media.backends import check_wav_complete, choose_audio, sniff_audio
 from megatron_omni.data.media.errors import MediaError, read_bytes
 from megatron_omni.data.media.fbank import KALDI_WAVE_SCALE, frame_count, kaldi_fbank
 from megatron_omni.data.media.pyav_decode import decode_audio as pyav_decode_audio
@@ -18,28 +18,36 @@ from megatron_omni.models.audio.config import AudioConfig
 def load_waveform(path: str, *, sample_rate: int = 16000, backend: Optional[str] = None) -> Tensor:
     """Audio file -> [num_samples] float32 mono in [-1, 1] at `sample_rate`.
 
-    DALI (WAV, FLAC, Ogg Vorbis / Opus; its own sinc resampler) or PyAV decode + torchaudio's sinc
-    resampler (everything FFmpeg reads, MP3 included).
+    Decoded by DALI (WAV, FLAC, Ogg Vorbis / Opus) or PyAV (everything FFmpeg reads, MP3 included),
+    downmixed by channel mean, then resampled with torchaudio's sinc resampler.
     """
     data = read_bytes(path)
     fmt = sniff_audio(data)
+    if fmt == "wav":
+        try:
+            check_wav_complete(data)
+        except ValueError as e:
+            raise MediaError(path, str(e)) from None
     name, usable = choose_audio(fmt, backend)
     if not usable:
         raise MediaError(path, f"backend 'dali' cannot decode {fmt} audio (DALI reads wav, flac, ogg)")
-    if name == "dali":
-        try:
-            return dali.decode_audio(data, sample_rate)
-        except dali.DaliDecodeError as e:
-            raise MediaError(path, str(e)) from None
     import av
     import torchaudio
 
-    try:
-        wave, rate = pyav_decode_audio(data)
-    except (av.error.FFmpegError, ValueError) as e:
-        raise MediaError(path, f"corrupt or unsupported audio ({e})") from None
-    wave = torch.from_numpy(wave)
+    if name == "dali":
+        try:
+            wave, rate = dali.decode_audio(data)
+        except dali.DaliDecodeError as e:
+            raise MediaError(path, str(e)) from None
+    else:
+        try:
+            wave, rate = pyav_decode_audio(data)
+        except (av.error.FFmpegError, ValueError) as e:
+            raise MediaError(path, f"corrupt or unsupported audio ({e})") from None
+        wave = torch.from_numpy(wave)
     if rate != sample_rate:
+        # One resampler for every backend (torchaudio's windowed sinc, anti-aliased), so features do
+        # not depend on which decoder read the file.
         wave = torchaudio.functional.resample(wave, rate, sample_rate)
     return wave
 

@@ -91,16 +91,34 @@ def sniff_audio(data: bytes) -> str:
     return "other"
 
 
+def check_wav_complete(data: bytes) -> None:
+    """Raise ValueError when a WAV file's data chunk declares more bytes than the file holds.
+
+    Decoders return a cut-off WAV's remaining samples without complaint; a truncated download should
+    be counted as bad media instead.  Streaming writers' placeholder sizes (0, 0xFFFFFFFF) are accepted.
+    """
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if chunk == b"data":
+            available = len(data) - pos - 8
+            if 0 < size < 0xFFFFFFFF and size > available:
+                raise ValueError(f"truncated WAV: data chunk declares {size} bytes, the file holds {available}")
+            return
+        pos += 8 + size + (size & 1)
+    raise ValueError("WAV file has no data chunk")
+
+
 def choose_audio(fmt: str, backend: Optional[str]) -> Tuple[str, bool]:
     forced = requested("audio", backend)
     supported = dali.available() and fmt in DALI_AUDIO_FORMATS
     if forced:
         name, reason = forced, "forced"
     elif supported:
-        name, reason = "dali", "DALI CPU decoder (libsndfile) + its sinc resampler"
+        name, reason = "dali", "DALI CPU decoder (libsndfile)"
     elif dali.available():
         name, reason = "pyav", f"DALI's audio decoder does not read {fmt} files"
     else:
         name, reason = "pyav", "nvidia-dali not installed"
-    log_once("audio", name, reason + ("" if name == "dali" else "; resampling with torchaudio"))
+    log_once("audio", name, reason + "; resampling with torchaudio")
     return name, name != "dali" or supported

@@ -42,7 +42,13 @@ def probe_video(data: bytes) -> VideoInfo:
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         num_frames = stream.frames
         if num_frames <= 0:
-            num_frames = sum(1 for packet in container.demux(stream) if packet.size)
+            num_frames, end = 0, 0.0
+            for packet in container.demux(stream):
+                if packet.size:
+                    num_frames += 1
+                    if packet.pts is not None:
+                        end = max(end, float((packet.pts + (packet.duration or 0)) * packet.time_base))
+            _check_complete(container, stream, end, num_frames)
         if num_frames <= 0:
             raise ValueError("video stream has no frames")
         if not ctx.width or not ctx.height:
@@ -51,6 +57,17 @@ def probe_video(data: bytes) -> VideoInfo:
             duration = float(stream.duration * stream.time_base) if stream.duration else 0.0
             rate = Fraction(num_frames / duration) if duration > 0 else Fraction(1)
         return VideoInfo(ctx.name, int(num_frames), float(rate), int(ctx.height), int(ctx.width))
+
+
+def _check_complete(container, stream, end_seconds: float, num_frames: int) -> None:
+    """A cut-off download: the header's duration (written when the file was finalised) runs past the
+    last packet present by more than two frame intervals."""
+    if container.duration is None or not num_frames or not end_seconds:
+        return
+    declared = container.duration / 1_000_000  # AV_TIME_BASE
+    frame_interval = end_seconds / num_frames
+    if declared - end_seconds > 2 * frame_interval + 0.05:
+        raise ValueError(f"truncated: the header declares {declared:.2f} s but the packets end at {end_seconds:.2f} s")
 
 
 def decode_video_frames(data: bytes, frame_indices: Sequence[int]) -> np.ndarray:
@@ -85,14 +102,15 @@ def decode_audio(data: bytes) -> Tuple[np.ndarray, int]:
             raise ValueError("no audio stream")
         stream = container.streams.audio[0]
         rate = stream.codec_context.sample_rate or stream.rate
-        # swresample only converts format and downmixes here; the rate is left to the caller's resampler.
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        # Convert the sample format only: swresample's stereo->mono downmix is -3 dB per channel
+        # (L+R)/sqrt(2), louder than the plain channel mean DALI uses, so the mean is taken here.
+        resampler = av.AudioResampler(format="fltp")
         chunks = []
         for frame in container.decode(stream):
             for converted in resampler.resample(frame):
-                chunks.append(converted.to_ndarray().reshape(-1))
+                chunks.append(converted.to_ndarray().mean(axis=0))
         for converted in resampler.resample(None):
-            chunks.append(converted.to_ndarray().reshape(-1))
+            chunks.append(converted.to_ndarray().mean(axis=0))
     if not chunks:
         raise ValueError("audio stream has no samples")
     return np.concatenate(chunks).astype(np.float32, copy=False), int(rate)

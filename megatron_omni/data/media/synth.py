@@ -7,7 +7,7 @@ Encoders used (checked against the PyAV 18.1 wheel, which bundles its own FFmpeg
             'mjpeg' -> FFmpeg mjpeg in Matroska (.mkv) decodable by DALI's CPU video decoder
             'h264'  -> libx264 in MP4 (.mp4)          CPU machines decode it with PyAV
     audio   .wav (16-bit PCM, stdlib `wave`), .flac (FFmpeg flac, s16), .opus (libopus in Ogg),
-            .ogg (FFmpeg's native Vorbis encoder in Ogg; the wheel has no libvorbis)
+            .ogg (FFmpeg's native Vorbis encoder in Ogg; the wheel has no libvorbis), .mp3 (libmp3lame)
 
 Bytes are deterministic for a given input (single-threaded encoders, FFmpeg's bitexact flags so no
 library version string, random Ogg stream serial or timestamp lands in the file) for every format
@@ -41,6 +41,7 @@ VIDEO_CODECS: Dict[str, Tuple[str, Tuple[str, ...], Dict[str, str]]] = {
 AUDIO_CODECS: Dict[str, Tuple[str, str, Dict[str, str]]] = {
     ".flac": ("flac", "s16", {}),
     ".opus": ("libopus", "s16", {"b": "96000"}),
+    ".mp3": ("libmp3lame", "s16p", {"b": "128000"}),  # not readable by DALI: exercises the PyAV path
     # FFmpeg's own Vorbis encoder is experimental and stereo-only; it is the only Vorbis encoder in the
     # wheel, so .ogg files carry the mono wave on both channels (decoders downmix them back).
     ".ogg": ("vorbis", "fltp", {"strict": "-2", "q": "6"}),
@@ -101,7 +102,7 @@ def write_video(path, frames: np.ndarray, fps: float, codec: str) -> None:
 
 
 def write_audio(path, wave_data: np.ndarray, sample_rate: int) -> None:
-    """Write a mono float waveform in [-1, 1] as .wav (s16 PCM), .flac, .opus or .ogg (Vorbis).
+    """Write a mono float waveform in [-1, 1] as .wav (s16 PCM), .flac, .opus, .ogg (Vorbis) or .mp3.
 
     Opus supports only 8/12/16/24/48 kHz: other rates are rejected rather than silently resampled.
     """
@@ -118,7 +119,7 @@ def write_audio(path, wave_data: np.ndarray, sample_rate: int) -> None:
             out.writeframes(pcm16.tobytes())
         return
     if ext not in AUDIO_CODECS:
-        raise ValueError(f"write_audio: unsupported extension {ext!r} for {path} (.wav, .flac, .opus, .ogg)")
+        raise ValueError(f"write_audio: unsupported extension {ext!r} for {path} (.wav, .flac, .opus, .ogg, .mp3)")
     if ext == ".opus" and sample_rate not in OPUS_RATES:
         raise ValueError(f"write_audio: Opus needs a sample rate in {OPUS_RATES}, got {sample_rate} ({path})")
     _encode_audio(path, samples, pcm16, int(sample_rate), *AUDIO_CODECS[ext])
@@ -135,7 +136,7 @@ def _encode_audio(path, samples: np.ndarray, pcm16: np.ndarray, rate: int, encod
         stream.layout = layout
         stream.format = sample_fmt
         stream.codec_context.flags |= av.codec.context.Flags.bitexact
-        data = pcm16[None, :] if sample_fmt == "s16" else samples[None, :]
+        data = pcm16[None, :] if sample_fmt.startswith("s16") else samples[None, :]
         if layout == "stereo":
             data = np.repeat(data, 2, axis=0)
         frame_size = stream.codec_context.frame_size or 4096
