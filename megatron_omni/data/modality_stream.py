@@ -72,12 +72,19 @@ class LoaderConfig:
 
 @dataclass
 class ModalitySpec:
-    """The sources of one modality, their mixing weights and the held-out validation size."""
+    """The sources of one modality, their mixing weights and the held-out validation set: either
+    `validation_size` samples split off `sources` by the loader, or `validation_sources` already
+    split off by the caller (e.g. the blend's `split_heldout`), read whole."""
 
     sources: Sequence[SampleSource]
     weights: Optional[Sequence[float]] = None  # None = uniform
     validation_size: int = 0
     names: Sequence[str] = field(default_factory=tuple)  # for log lines; default "source i"
+    validation_sources: Optional[Sequence[SampleSource]] = None
+
+    def __post_init__(self):
+        if self.validation_sources is not None and self.validation_size:
+            raise ValueError("give either validation_size (split here) or validation_sources (split already), not both")
 
 
 class TooManyBadSamples(RuntimeError):
@@ -126,32 +133,35 @@ class ModalityStream:
         return (source, index), (epoch, cursor + 1)
 
     # ---------------------------------------------------------------- reading samples
-    def describe(self, key: Key) -> str:
+    def describe(self, key: Key, sources: Optional[Sequence[SampleSource]] = None) -> str:
         source_id, index = key
-        source = self.spec.sources[source_id]
+        source = (self.spec.sources if sources is None else sources)[source_id]
         name = self.spec.names[source_id] if source_id < len(self.spec.names) else f"source {source_id}"
         describe = getattr(source, "describe", None)
         return f"{name} {describe(index) if describe else f'#{index}'}"
 
-    def _build(self, key: Key) -> Tuple[Optional[OmniSample], Optional[str], Optional[BaseException]]:
+    def _build(self, key: Key, sources: Optional[Sequence[SampleSource]] = None
+               ) -> Tuple[Optional[OmniSample], Optional[str], Optional[BaseException]]:
         """(sample, None, None) or (None, reason, exception); never raises for bad data."""
         try:
-            sample = self.spec.sources[key[0]][key[1]]
+            sample = (self.spec.sources if sources is None else sources)[key[0]][key[1]]
         except Exception as exc:  # any failure building one sample is that sample's problem
             return None, type(exc).__name__, exc
         sample, reason = fit_to_length(sample, self.config.seq_length)
         return sample, reason, None
 
-    def _skip(self, key: Key, reason: str, exc: Optional[BaseException], *, count: bool = True) -> None:
+    def _skip(self, key: Key, reason: str, exc: Optional[BaseException], *, count: bool = True,
+              sources: Optional[Sequence[SampleSource]] = None) -> None:
         if count:
             self.skipped[reason] += 1
+        logged_key = (key, id(sources))
         with self._logged_lock:  # validation builds in the caller's thread, training in the prefetcher's
-            first = key not in self._logged
-            self._logged.add(key)
+            first = logged_key not in self._logged
+            self._logged.add(logged_key)
         if first:
             detail = f": {exc!r}" if exc is not None else f" (longer than seq_length={self.config.seq_length})" \
                 if reason == "too_long" else ""
-            log.warning("skipping %s sample %s [%s]%s", self.modality, self.describe(key), reason, detail)
+            log.warning("skipping %s sample %s [%s]%s", self.modality, self.describe(key, sources), reason, detail)
 
     def _next_sample(self) -> Tuple[Key, OmniSample]:
         while True:
@@ -210,11 +220,17 @@ class ModalityStream:
         cfg = self.config
         skipped: Counter = Counter()
         samples = []
-        for key in self.order.validation_keys():
-            sample, reason, exc = self._build(key)
+        sources = self.spec.validation_sources
+        if sources is None:
+            keys = self.order.validation_keys()
+        else:  # split off by the caller: this DP rank's share of all of them
+            keys = [(i, j) for i, src in enumerate(sources) for j in range(len(src))]
+            keys = keys[self.order.dp_rank::self.order.dp_size]
+        for key in keys:
+            sample, reason, exc = self._build(key, sources)
             if sample is None:
                 skipped[reason] += 1
-                self._skip(key, reason, exc, count=False)
+                self._skip(key, reason, exc, count=False, sources=sources)
             else:
                 samples.append((key, sample))
         batches = []

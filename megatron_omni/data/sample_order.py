@@ -69,6 +69,8 @@ class SampleOrder:
         self._valid: List[torch.Tensor] = []
         self._train: List[torch.Tensor] = []
         for i, (size, n_valid) in enumerate(zip(source_sizes, held_out)):
+            if size == 0:
+                raise ValueError(f"{modality}: source {i} has no training samples; drop it from the blend or add data")
             if n_valid >= size:
                 raise ValueError(
                     f"{modality}: source {i} has {size} samples but {n_valid} of them would be held out for "

@@ -158,7 +158,7 @@ def synthetic_sample(
 
 class SyntheticSource:
     """A `SampleSource` of `size` synthetic samples of one modality; sample i is a pure function of
-    (seed, i).  `fail(i)` -> True makes index i raise `error` (a corrupt-media stand-in)."""
+    (seed, i).  `fail(i)` -> True makes index i raise `error(path)` (a corrupt-media stand-in)."""
 
     def __init__(
         self,
@@ -188,7 +188,7 @@ class SyntheticSource:
         if not 0 <= index < self.size:
             raise IndexError(index)
         if self.fail(index):
-            raise self.error(f"cannot decode {self.describe(index)}")
+            raise self.error(self.describe(index))
         rng = random.Random(f"{self.seed}/{self.modality}/{index}")
         return synthetic_sample(self.modality, rng, self.vocab, seq_length=self.seq_length,
                                 sample_id=f"{self.modality}:{index}", **self.sample_kwargs)

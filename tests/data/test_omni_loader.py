@@ -12,17 +12,13 @@ from typing import Dict, List, Sequence, Tuple
 import pytest
 import torch
 
+from megatron_omni.data.media import MediaError
 from megatron_omni.data.modality_stream import LoaderConfig, ModalitySpec, TooManyBadSamples
 from megatron_omni.data.omni_batch import OmniMicrobatch
 from megatron_omni.data.omni_loader import OmniLoader
 from megatron_omni.data.sample_order import SampleOrder
 from megatron_omni.data.synthetic import MODALITIES, SyntheticSource
 from megatron_omni.models.omni_vocab import OmniVocab
-
-try:  # the media decoders' error type (data/media); any exception from a sample is skipped alike
-    from megatron_omni.data.media import MediaError
-except ImportError:  # pragma: no cover - before data/media exists
-    MediaError = OSError
 
 VOCAB = OmniVocab(text_vocab_size=2000, audio_codebook_size=64)
 S = 1024
@@ -32,7 +28,8 @@ PREFIX = 24  # leading tokens that identify a synthetic sample (random text ids)
 def _specs(size: int = 60, *, fail=lambda i: False, validation_size: int = 4,
            modalities: Sequence[str] = ("text", "image", "audio")) -> Dict[str, ModalitySpec]:
     return {
-        m: ModalitySpec([SyntheticSource(m, size, vocab=VOCAB, seed=3, seq_length=S, fail=fail, error=MediaError)],
+        m: ModalitySpec([SyntheticSource(m, size, vocab=VOCAB, seed=3, seq_length=S, fail=fail,
+                                         error=lambda path: MediaError(path, "truncated stream"))],
                         validation_size=validation_size)
         for m in modalities
     }
