@@ -7,7 +7,11 @@
 Each call decodes one encoded file (bytes) through a small per-thread pipeline built once and reused.
 Device: GPU (nvJPEG images, NVDEC video, resize on the GPU) when torch sees CUDA, else DALI's CPU
 operators (`device_id=None`).  `MEGATRON_OMNI_DALI_DEVICE=cpu|gpu` overrides.  Audio decoding is a
-CPU operator in DALI on every machine.
+CPU operator in DALI on every machine.  GPU decoding initialises CUDA in the calling process: use it
+from the main process or from DataLoader workers started with the 'spawn' method, never 'fork'.
+
+The GPU path (device="mixed" decoders, GPU resize, copy into torch via feed_ndarray) follows DALI
+2.4's documented API but has not been run: no GPU was available while writing it.
 """
 
 from megatron_omni.data.dali.pipelines import (

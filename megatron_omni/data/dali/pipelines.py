@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from functools import lru_cache
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -126,8 +126,20 @@ def _run(kind: str, **inputs: np.ndarray) -> Tuple[torch.Tensor, ...]:
         raise DaliDecodeError(_reason(str(e))) from None
     from nvidia.dali.backend import TensorListGPU
 
-    return tuple(torch.from_dlpack(out[0]).clone() if isinstance(out, TensorListGPU)  # GPU: stays there
-                 else torch.from_numpy(np.array(out[0])) for out in outputs)
+    return tuple(_to_torch_gpu(out) if isinstance(out, TensorListGPU) else torch.from_numpy(np.array(out[0]))
+                 for out in outputs)
+
+
+def _to_torch_gpu(out) -> torch.Tensor:
+    """Copy a GPU batch-of-1 output into a torch CUDA tensor on the current stream (GPU path: image and
+    video outputs are uint8)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    tensor = out.as_tensor()
+    shape = tuple(tensor.shape())[1:]  # drop the batch dimension of 1
+    dst = torch.empty((1,) + shape, dtype=torch.uint8, device=torch.device("cuda", torch.cuda.current_device()))
+    feed_ndarray(tensor, dst, cuda_stream=torch.cuda.current_stream())
+    return dst[0]
 
 
 def _reason(message: str) -> str:
@@ -159,7 +171,6 @@ def decode_audio(data: bytes) -> Tuple[torch.Tensor, int]:
     return wave, int(round(float(rate)))
 
 
-def close_thread_pipelines() -> Optional[int]:
+def close_thread_pipelines() -> int:
     """Drop this thread's pipelines (frees their buffers); returns how many there were."""
-    pipes = _local.__dict__.pop("pipes", {})
-    return len(pipes)
+    return len(_local.__dict__.pop("pipes", {}))
