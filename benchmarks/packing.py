@@ -139,8 +139,8 @@ def throughput(args) -> None:
             while have < target:
                 pd.append(padded.next_microbatch(m))
                 have += _real_tokens(pd[-1])
-            step(pk[0])  # warm-up (first iterations allocate)
-            step(pd[0])
+            measure(pk)  # warm-up pass over every shape: the first iterations are several times slower
+            measure(pd)
             # Alternate the two sides and keep each side's best run: on a shared machine the
             # fastest run is the one least disturbed by other processes.
             runs = [(measure(pk), measure(pd)) for _ in range(args.repeats)]

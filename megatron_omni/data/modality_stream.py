@@ -16,8 +16,10 @@ import logging
 import threading
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Deque, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+
+import torch
 
 from megatron_omni.data.omni_batch import OmniMicrobatch, OmniSample
 from megatron_omni.data.packing import PackingBuffer, collate_rows, fit_to_length
@@ -51,13 +53,18 @@ class LoaderConfig:
     # True: fixed [B, seq_length] packed rows (training).  False: one sample per row, rows padded
     # to the microbatch's longest sample -- the pad-to-longest baseline (shape varies).
     pack: bool = True
-    # Samples held for best-fit packing; more = less padding, more memory (decoded media).
+    # Samples held for best-fit packing; more = less padding, more memory (decoded media), so the
+    # buffer also stops at `lookahead_mib` of media tensors per modality.
     lookahead: int = 256
+    lookahead_mib: Optional[float] = 512.0
     pad_token_id: int = 0
     # Microbatches built ahead per modality by a background thread (0 = build on request).
     prefetch: int = 2
     # Threads decoding samples ahead of the packer, per modality (0 = decode in the stream thread).
     decode_workers: int = 0
+    # Page-lock microbatches in the prefetch thread so `batch.to("cuda", non_blocking=True)` is a
+    # true async copy (ignored without CUDA).
+    pin_memory: bool = True
     # Raise when more than this share of the last `bad_window` samples of a modality was skipped.
     max_bad_fraction: float = 0.1
     bad_window: int = 200
@@ -91,6 +98,11 @@ class TooManyBadSamples(RuntimeError):
     pass
 
 
+def _pinned(batch: OmniMicrobatch) -> OmniMicrobatch:
+    return replace(batch, **{f.name: getattr(batch, f.name).pin_memory() for f in fields(batch)
+                             if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
 class ModalityStream:
     def __init__(self, modality: str, spec: ModalitySpec, config: LoaderConfig, *, dp_rank: int = 0, dp_size: int = 1):
         self.modality = modality
@@ -105,13 +117,15 @@ class ModalityStream:
             if config.decode_workers > 0 else None
         self._logged: set = set()
         self._logged_lock = threading.Lock()
-        self._shard_cache: Tuple[int, Any] = (-1, None)
+        self._shards: Dict[int, Any] = {}  # epoch -> this rank's keys; the read-ahead may be an epoch ahead
         self._reset(epoch=0, cursor=0)
 
     # ---------------------------------------------------------------- position
     def _reset(self, epoch: int, cursor: int) -> None:
         self.epoch, self.cursor = epoch, cursor
-        self._buffer: PackingBuffer[Key] = PackingBuffer(self.config.seq_length, self.config.lookahead)
+        mib = self.config.lookahead_mib
+        self._buffer: PackingBuffer[Key] = PackingBuffer(
+            self.config.seq_length, self.config.lookahead, None if mib is None else int(mib * 2 ** 20))
         self.skipped: Counter = Counter()
         self._window: Deque[bool] = deque(maxlen=self.config.bad_window)
         self.real_tokens = self.total_tokens = self.microbatches = 0
@@ -119,9 +133,11 @@ class ModalityStream:
         self._ahead_pos = (epoch, cursor)
 
     def _shard(self, epoch: int):
-        if self._shard_cache[0] != epoch:
-            self._shard_cache = (epoch, self.order.epoch_keys(epoch))
-        return self._shard_cache[1]
+        if epoch not in self._shards:
+            for old in [e for e in self._shards if abs(e - epoch) > 1]:
+                del self._shards[old]
+            self._shards[epoch] = self.order.epoch_keys(epoch)
+        return self._shards[epoch]
 
     def _key_after(self, pos: Tuple[int, int]) -> Tuple[Key, Tuple[int, int]]:
         epoch, cursor = pos
@@ -212,7 +228,8 @@ class ModalityStream:
         self.microbatches += 1
         self.real_tokens += sum(len(s) for row in rows for s in row)
         self.total_tokens += len(rows) * length
-        return collate_rows(rows, length, pad_token_id=cfg.pad_token_id, modality=self.modality)
+        batch = collate_rows(rows, length, pad_token_id=cfg.pad_token_id, modality=self.modality)
+        return _pinned(batch) if cfg.pin_memory and torch.cuda.is_available() else batch
 
     def validation_microbatches(self) -> Tuple[List[OmniMicrobatch], Counter]:
         """This rank's held-out samples, packed like training (the last microbatch padded out

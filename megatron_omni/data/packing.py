@@ -34,6 +34,7 @@ __all__ = [
     "packed_attention_mask",
     "fit_to_length",
     "has_media",
+    "media_bytes",
     "padding_fraction",
 ]
 
@@ -47,6 +48,11 @@ def has_media(sample: OmniSample) -> bool:
         getattr(sample, name) is not None and getattr(sample, name).numel() > 0
         for name in ("pixel_values", "pixel_values_videos", "audio_features")
     )
+
+
+def media_bytes(sample: OmniSample) -> int:
+    return sum(getattr(sample, name).nbytes for name in _MEDIA_CONCAT + ("audio_features",)
+               if getattr(sample, name) is not None)
 
 
 def fit_to_length(sample: OmniSample, seq_length: int) -> Tuple[Optional[OmniSample], Optional[str]]:
@@ -82,13 +88,17 @@ class PackingBuffer(Generic[K]):
 
     ``key`` identifies a sample for checkpointing (the loader stores the keys still buffered and
     re-reads those samples on resume).  Samples must already fit `seq_length` (`fit_to_length`).
+    The buffer is full at `capacity` samples or, if given, `max_bytes` of media tensors (decoded
+    pixels of large images add up: a 2560-token image is ~50 MB in float32).
     """
 
-    def __init__(self, seq_length: int, capacity: int):
+    def __init__(self, seq_length: int, capacity: int, max_bytes: Optional[int] = None):
         if seq_length < 1 or capacity < 1:
             raise ValueError(f"seq_length ({seq_length}) and capacity ({capacity}) must be >= 1")
         self.seq_length = seq_length
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.buffered_bytes = 0
         self._arrival = itertools.count()
         self._entries: "OrderedDict[int, Tuple[K, OmniSample]]" = OrderedDict()  # arrival no. -> entry
         # (length, -arrival) ascending: the last entry <= (room, +inf) is the longest fit, oldest first.
@@ -99,6 +109,8 @@ class PackingBuffer(Generic[K]):
 
     @property
     def full(self) -> bool:
+        if self.max_bytes is not None and self._entries and self.buffered_bytes >= self.max_bytes:
+            return True
         return len(self._entries) >= self.capacity
 
     def keys(self) -> List[K]:
@@ -112,10 +124,12 @@ class PackingBuffer(Generic[K]):
         arrival = next(self._arrival)
         self._entries[arrival] = (key, sample)
         bisect.insort(self._by_length, (n, -arrival))
+        self.buffered_bytes += media_bytes(sample)
 
     def _take(self, arrival: int) -> OmniSample:
         _, sample = self._entries.pop(arrival)
         del self._by_length[bisect.bisect_left(self._by_length, (len(sample), -arrival))]
+        self.buffered_bytes -= media_bytes(sample)
         return sample
 
     def pop_oldest(self) -> OmniSample:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_omni.data import DEMO_TEXT_TOKENIZER, SentencePieceTokenizer
 from megatron_omni.data.blend import load_blend, read_blend_manifests, split_heldout

@@ -14,6 +14,7 @@ from megatron_omni.data.packing import (
     PackingBuffer,
     collate_rows,
     fit_to_length,
+    media_bytes,
     packed_attention_mask,
     padding_fraction,
 )
@@ -180,6 +181,20 @@ def test_best_fit_never_starves_the_oldest_sample():
             for s in buffer.next_row():
                 assert row_no - arrived_at[id(s)] <= 16
             row_no += 1
+
+
+def test_buffer_is_full_at_its_media_byte_budget():
+    src = SyntheticSource("image", 10, vocab=VOCAB, patch_dim=64)
+    samples = [src[i] for i in range(10)]
+    budget = media_bytes(samples[0]) + media_bytes(samples[1])
+    buffer = PackingBuffer(4096, capacity=100, max_bytes=budget)
+    n = 0
+    while not buffer.full:
+        buffer.add(n, samples[n])
+        n += 1
+    assert n == 2 and buffer.buffered_bytes == budget
+    buffer.next_row()
+    assert buffer.buffered_bytes == 0 and not buffer.full
 
 
 def test_pad_to_longest_shape_and_segments():
