@@ -57,10 +57,17 @@ def load_audio(path: str, *, audio: AudioConfig, sample_rate: int = 16000, backe
     """Audio file -> [frames, audio.num_mel_bins] float32 Kaldi log-mel fbank (25 ms window, 10 ms shift).
 
     Frames are plain fbank frames; low-frame-rate stacking happens in the SAN-M encoder (`lfr_stack`).
-    Raises MediaError for missing, corrupt or unsupported files and for clips shorter than one window.
+    Raises MediaError for missing, corrupt or unsupported files, for clips shorter than one window and
+    for clips longer than the encoder's positions table (audio.max_input_frames).
     """
     wave = load_waveform(path, sample_rate=sample_rate, backend=backend)
     if frame_count(wave.numel(), sample_rate) == 0:
         raise MediaError(path, f"audio too short: {wave.numel()} samples at {sample_rate} Hz is less than "
                                f"one 25 ms fbank window")
+    frames = frame_count(wave.numel(), sample_rate)
+    if frames > audio.max_input_frames:
+        raise MediaError(path, f"audio too long: {frames} fbank frames ({wave.numel() / sample_rate:.1f} s) exceed "
+                               f"the {audio.encoder_type} encoder's {audio.max_input_frames} "
+                               f"(audio.max_source_positions={audio.max_source_positions}); split the clip or "
+                               f"raise max_source_positions")
     return kaldi_fbank(wave * KALDI_WAVE_SCALE, num_mel_bins=audio.num_mel_bins, sample_rate=sample_rate)

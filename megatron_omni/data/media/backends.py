@@ -23,6 +23,8 @@ logger = logging.getLogger("megatron_omni.data.media")
 
 BACKENDS = {"image": ("dali", "pil"), "video": ("dali", "pyav"), "audio": ("dali", "pyav")}
 ENV = {kind: f"MEGATRON_OMNI_{kind.upper()}_BACKEND" for kind in BACKENDS}
+# PIL format names of the image types DALI's decoder (nvImageCodec) reads; others (GIF, ...) use PIL.
+DALI_IMAGE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "JPEG2000", "PPM"})
 # Containers DALI's audio decoder (libsndfile) reads; MP3 / AAC / M4A go through PyAV.
 DALI_AUDIO_FORMATS = frozenset({"wav", "flac", "ogg"})
 
@@ -49,16 +51,20 @@ def log_once(kind: str, backend: str, reason: str) -> None:
     logger.info("%s decoding: %s (%s)", kind, backend, reason)
 
 
-def choose_image(backend: Optional[str]) -> str:
+def choose_image(fmt: str, backend: Optional[str]) -> Tuple[str, bool]:
+    """fmt: PIL's format name from the header.  (backend, usable) as in choose_video."""
     forced = requested("image", backend)
+    supported = dali.available() and fmt in DALI_IMAGE_FORMATS
     if forced:
         name, reason = forced, "forced"
-    elif dali.available():
+    elif supported:
         name, reason = "dali", f"DALI {dali.device()} decoder{' (nvJPEG)' if dali.device() == 'gpu' else ''}"
+    elif dali.available():
+        name, reason = "pil", f"DALI does not decode {fmt} images"
     else:
         name, reason = "pil", "nvidia-dali not installed"
     log_once("image", name, reason)
-    return name
+    return name, name != "dali" or supported
 
 
 def choose_video(codec: str, backend: Optional[str]) -> Tuple[str, bool]:

@@ -26,9 +26,12 @@ def load_image(path: str, *, vision: VisionConfig, max_tokens: int, min_tokens: 
     Raises MediaError (naming the path) for missing, corrupt, truncated or unsupported files.
     """
     data = read_bytes(path)
-    height, width = _oriented_size(data, path)
+    height, width, fmt = _header(data, path)
     size = image_grid(height, width, vision=vision, max_tokens=max_tokens, min_tokens=min_tokens)
-    if choose_image(backend) == "dali":
+    name, usable = choose_image(fmt, backend)
+    if not usable:
+        raise MediaError(path, f"backend 'dali' cannot decode {fmt} images")
+    if name == "dali":
         try:
             frame = dali.decode_image(data, size)
         except dali.DaliDecodeError as e:
@@ -40,19 +43,20 @@ def load_image(path: str, *, vision: VisionConfig, max_tokens: int, min_tokens: 
     return VisualInput(pixel_values.cpu(), grid_thw, seconds_per_grid=0.0)
 
 
-def _oriented_size(data: bytes, path) -> Tuple[int, int]:
-    """(height, width) as displayed, read from the header only."""
+def _header(data: bytes, path) -> Tuple[int, int, str]:
+    """(height, width) as displayed and PIL's format name, read from the header only."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
+            fmt = image.format or "unknown"
             orientation = image.getexif().get(0x0112, 1)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise MediaError(path, f"not a readable image ({e})") from None
     if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width
-    return height, width
+    return height, width, fmt
 
 
 def _decode_pil(data: bytes, size: Tuple[int, int], path) -> torch.Tensor:

@@ -39,6 +39,8 @@ def probe_video(data: bytes) -> VideoInfo:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
         ctx = stream.codec_context
+        if ctx is None:  # FFmpeg has no decoder for the stream's codec id
+            raise ValueError("FFmpeg has no decoder for the video stream's codec")
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         num_frames = stream.frames
         if num_frames <= 0:

@@ -24,7 +24,11 @@ def load_video(path: str, *, vision: VisionConfig, max_frames: int, max_tokens: 
     video, default geometry.DEFAULT_VIDEO_FPS, capped at max_frames).  See geometry.plan_video.
     Raises MediaError (naming the path) for missing, corrupt, truncated or unsupported files.
     """
-    import av
+    try:
+        import av
+    except ImportError:
+        raise ImportError("video loading needs PyAV (probing, and the CPU decoder for H.264/HEVC/AV1): "
+                          "pip install av, or megatron-omni[media]") from None
 
     data = read_bytes(path)
     try:
