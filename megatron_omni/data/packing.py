@@ -6,9 +6,11 @@ Two pieces, kept apart so each can be tested on its own:
   (in arrival order) and fills one row at a time: the row opens with the **oldest** sample (so no
   sample waits in the buffer for more than ``capacity`` rows: short samples cannot starve) and is
   then topped up **best-fit**: repeatedly the longest buffered sample that still fits the space
-  left (ties: the oldest).  With a few hundred samples of look-ahead this leaves well under 2% of
-  a row as padding on realistic length mixes (see benchmarks/packing.py), against ~1/2 for
-  pad-to-longest -- the paper's 1.5x stage-1 speed-up from packing image-text pairs (Sec. 2.2).
+  left (ties: the oldest) -- or, when two shorter samples fill that space better than any single
+  one, the longer of the two.  With a few hundred samples of look-ahead this leaves ~0.1% of a
+  row as padding on the realistic length mix (benchmarks/packing.py), against 26-66% for
+  pad-to-longest: where the paper's 1.5x stage-1 speed-up from packing image-text pairs comes
+  from (Sec. 2.2).
 * `collate_rows` lays the chosen samples out: tokens/labels/loss_mask/position_ids copied into a
   [B, S] canvas, ``cu_seqlens`` with a boundary at every row start and every sample end (a row's
   padding tail is a segment of its own), media tensors concatenated in token order (row-major).
