@@ -60,7 +60,9 @@ class OmniLoader:
         return self._get(modality).next_microbatch()
 
     def validation_microbatches(self, modality: str) -> List[OmniMicrobatch]:
-        """This rank's shard of the modality's held-out set (built once, then cached)."""
+        """This rank's shard of the modality's held-out set (built once, then cached), packed like
+        training.  DP ranks may hold different numbers of microbatches: sum (loss, tokens) over
+        them and all-reduce across DP, as the training loss does."""
         self._get(modality)
         if modality not in self._validation:
             batches, skipped = self._streams[modality].validation_microbatches()
