@@ -40,7 +40,8 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch,core_cu13]", DALI],
         "media": ["av", DALI],
-        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors"],
+        # av + DALI: the media tests decode with both (DALI's CPU operators run without a GPU).
+        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "av", DALI],
     },
     entry_points={
         "console_scripts": [

@@ -12,6 +12,9 @@ lacks for our use:
 
 Special ids follow megatron: `eod` ends every document in the token stream (sentencepiece
 `</s>`); `pad` and `bos` are -1 when the vocabulary has none (-1 never occurs in data).
+
+The omni data pipeline (chat template) uses the smaller `ChatTokenizer` interface, which both
+the sentencepiece tokenizer and `Llama3Tokenizer` (data/llama3_tokenizer.py) implement.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from megatron.core.tokenizers.text.text_tokenizer import MegatronTokenizerText
 
 from megatron_omni.config.schema import DataConfig
 from megatron_omni.data.fingerprint import file_sha1
+from megatron_omni.data.llama3_tokenizer import Llama3Tokenizer
 
-__all__ = ["TextTokenizer", "SentencePieceTokenizer", "NullTokenizer", "build_tokenizer"]
+__all__ = ["ChatTokenizer", "TextTokenizer", "SentencePieceTokenizer", "NullTokenizer", "Llama3Tokenizer",
+           "build_tokenizer"]
 
 
 @runtime_checkable
@@ -50,6 +55,31 @@ class TextTokenizer(Protocol):
     def tokenize(self, text: str) -> List[int]: ...
 
     def detokenize(self, ids: Sequence[int]) -> str: ...
+
+
+@runtime_checkable
+class ChatTokenizer(Protocol):
+    """What the chat template needs: plain-text encoding plus the ids of its header tokens.
+
+    `encode` never parses special tokens out of text.  `special_id(name)` is the tokenizer's own
+    id for a chat special (``<|start_header_id|>`` ...), or None when its vocabulary has none -
+    the template then uses the `OmniVocab` slot appended after the text vocabulary.
+    """
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    def encode(self, text: str) -> List[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def special_id(self, name: str) -> Optional[int]: ...
 
 
 class SentencePieceTokenizer(MegatronTokenizerText):
@@ -85,6 +115,20 @@ class SentencePieceTokenizer(MegatronTokenizerText):
     def __reduce__(self):
         """Pickle as the model path (a SentencePieceProcessor does not pickle portably)."""
         return (type(self), (self.model_path,))
+
+    # ChatTokenizer interface.  sentencepiece never matches control pieces (<s>, </s>) inside
+    # text, so `encode` parses no specials, like Llama3Tokenizer.encode.  It does prepend its
+    # dummy-prefix "▁" to every call, so each chat-template segment (header "\n\n", turn text)
+    # starts like a new word; consistent in training and inference, one extra piece per segment.
+    def encode(self, text: str) -> List[int]:
+        return self.tokenize(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.detokenize(list(ids))
+
+    def special_id(self, name: str) -> Optional[int]:
+        """Chat specials are not sentencepiece pieces: always None (the OmniVocab ids are used)."""
+        return None
 
 
 class NullTokenizer(MegatronTokenizerText):
@@ -137,8 +181,8 @@ class NullTokenizer(MegatronTokenizerText):
         return (type(self), (self.vocab_size,))
 
 
-def build_tokenizer(data_cfg: DataConfig, *, vocab_size: Optional[int] = None) -> MegatronTokenizerText:
-    """The tokenizer named by `data_cfg.tokenizer_type`.
+def build_tokenizer(data_cfg: DataConfig, *, vocab_size: Optional[int] = None):
+    """The tokenizer named by `data_cfg.tokenizer_type` (huggingface = Llama-3 tokenizer files).
 
     `vocab_size` is only used by the `null` tokenizer, which has no model file to take it
     from (pass `model.vocab_size`).
@@ -159,10 +203,12 @@ def build_tokenizer(data_cfg: DataConfig, *, vocab_size: Optional[int] = None) -
             )
         return NullTokenizer(vocab_size)
     if kind == "huggingface":
-        raise ValueError(
-            "data.tokenizer_type 'huggingface' is not available yet (it arrives with the "
-            "Llama-3 tokenizer work); use 'sentencepiece' or 'null'"
-        )
+        if not data_cfg.tokenizer_model:
+            raise ValueError(
+                "data.tokenizer_model is not set; tokenizer_type 'huggingface' reads the Llama-3 "
+                "tokenizer from a tokenizer.json, a tiktoken tokenizer.model or their folder"
+            )
+        return Llama3Tokenizer(data_cfg.tokenizer_model)
     raise ValueError(
         f"data.tokenizer_type {kind!r} is unknown; use 'sentencepiece', 'null' or 'huggingface'"
     )
