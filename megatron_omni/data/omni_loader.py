@@ -82,6 +82,14 @@ class OmniLoader:
         for name, p in self._prefetch.items():
             p.load_state_dict(state[name])
 
+    def pause_prefetch(self) -> None:
+        """Stop the background threads (dropping what they built ahead) before the process forks:
+        megatron's checkpoint writer forks writer processes, and a fork taken while a decoding
+        thread holds a lock (DALI, torch, malloc) deadlocks the child.  The next request restarts
+        the threads from the consumed position, so the microbatch sequence is unchanged."""
+        for p in self._prefetch.values():
+            p.load_state_dict(p.state_dict())
+
     # ---------------------------------------------------------------- metrics
     def skipped_by_reason(self) -> Dict[str, int]:
         """Cumulative training-sample skips of this rank, ``"modality/reason" -> count``."""

@@ -11,7 +11,7 @@ connector outputs replace the placeholder tokens of the token stream:
 Later stages receive hidden states only.  Positions are M-RoPE (t, h, w) ids computed on the data
 side; the rotation is megatron's `MultimodalRotaryEmbedding` (`models/rope.py`).  Packed rows
 (several samples per row, `OmniMicrobatch.cu_seqlens`) attend within their sample only: the
-block-diagonal causal mask is built by `packed_causal_mask` and the attention runs with
+block-diagonal causal mask is built by `data.packing.packed_attention_mask` and the attention runs with
 `AttnMaskType.arbitrary`, which megatron's local attention and Transformer Engine both honour.
 """
 
@@ -55,17 +55,6 @@ def module_of(param_name: str) -> str:
 def omni_vocab(model: ModelConfig, omni: OmniConfig) -> OmniVocab:
     """The LLM vocabulary of an omni run: the text tokenizer's ids + omni specials + audio codes."""
     return OmniVocab(model.vocab_size, omni.audio_codebook_size)
-
-
-def packed_causal_mask(cu_seqlens: Tensor, batch: int, seq_length: int) -> Tensor:
-    """[B, 1, S, S] bool, True = masked (megatron's convention): causal inside each packed segment
-    of the flattened B*S stream, nothing across segments."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths)
-    seg = seg.view(batch, seq_length)
-    same = seg[:, :, None] == seg[:, None, :]
-    causal = torch.ones(seq_length, seq_length, dtype=torch.bool, device=cu_seqlens.device).tril()
-    return ~(same & causal).unsqueeze(1)
 
 
 class OmniModel(GPTModel):

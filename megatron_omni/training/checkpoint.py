@@ -230,6 +230,11 @@ def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> 
             log.warning("train.load=%s holds no checkpoint (%s missing): starting from scratch", root, TRACKER_FILE)
             return None
         path = checkpoint_dir(root, step)
+    # The per-group hyper-parameters come from the config (parameter-group overrides such as the
+    # encoder LR); megatron 0.16 leaves every group with one group's max_lr/min_lr after a load,
+    # so the built ones are put back afterwards (only the optimizer *state* is loaded).
+    built = [{k: v for k, v in g.items() if k not in ("params", "lr", "weight_decay")}
+             for g in state.optimizer.param_groups]
     common = dist_checkpointing.load_common_state_dict(path)
     same_layout = common.get("layout") == _layout()
     with_optimizer = not finetune and "optimizer" in common
@@ -254,6 +259,8 @@ def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> 
     if with_optimizer:
         if "optimizer" in loaded:
             _load_optimizer(state.optimizer, loaded["optimizer"])
+            for group, config in zip(state.optimizer.param_groups, built):
+                group.update(config)
         state.scheduler.load_state_dict(loaded["scheduler"])
         state.step = loaded["train_state"]["step"]
         state.consumed_samples = loaded["train_state"]["consumed_samples"]

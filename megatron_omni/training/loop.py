@@ -215,6 +215,7 @@ def pretrain(
         saving = profiler is None or profiler.save_checkpoints
         if saving and ((t.save_interval and state.step % t.save_interval == 0) or exiting or state.step == t.steps):
             if omni_data is not None:
+                omni_data.before_checkpoint()
                 state.data_state = omni_data.state_dict()
             save_checkpoint(state, root, keep_last=t.keep_last_checkpoints,
                             optimizer_sharding=t.ckpt_optimizer_sharding)

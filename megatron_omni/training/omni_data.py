@@ -140,6 +140,11 @@ class OmniData:
 
     # ---------------------------------------------------------------- checkpoint
 
+    def before_checkpoint(self) -> None:
+        """Quiesce the loader's background threads (megatron's checkpoint writer forks)."""
+        if hasattr(self.source, "pause_prefetch"):
+            self.source.pause_prefetch()
+
     def state_dict(self) -> dict:
         return {"source": self.source.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "balancer": self.balancer.state_dict() if self.balancer is not None else None}

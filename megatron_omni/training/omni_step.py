@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from megatron_omni.data.omni_batch import OmniMicrobatch
-from megatron_omni.models.omni import packed_causal_mask
+from megatron_omni.data.packing import packed_attention_mask
 from megatron_omni.models.omni_vocab import OmniVocab
 from megatron_omni.parallel.layout import unwrap
 from megatron_omni.training.step import LM_LOSS
@@ -68,7 +68,7 @@ def omni_forward_step(data_iterator: Iterator[PlannedMicrobatch], model: torch.n
     inner = unwrap(model)
     batch = planned.batch.to(torch.cuda.current_device(), non_blocking=True)
     B, S = batch.tokens.shape
-    mask = packed_causal_mask(batch.cu_seqlens, B, S)
+    mask = packed_attention_mask(batch.cu_seqlens, B, S)
     media = {}
     if inner.pre_process:
         media = dict(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,

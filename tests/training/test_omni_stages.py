@@ -1,0 +1,73 @@
+"""The omni training loop on the demo data set (tools/make_demo_data.py) through the real loader:
+PT-3 at TP2 x PP2 with a corrupt image in the data (skipped and counted, never a crash), exact
+resume of the loader position, and the stage chain PT-1 -> PT-2 (weights carried over)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.launch import REPO, metrics, train
+
+CONFIG = "configs/tiny/pt_stage3.yaml"
+RUN = ["data.seq_length=256", "train.micro_batch_size=1", "train.global_batch_size=8", "optimizer.lr_warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    subprocess.run([sys.executable, "tools/make_demo_data.py", "--out", str(out)], cwd=REPO, check=True,
+                   capture_output=True, timeout=300)
+    return out
+
+
+def _run(nproc, out, overrides, demo, config=CONFIG, **kw):
+    return train(nproc, out, [*RUN, f"data.root={demo}", f"train.load={out / 'checkpoints'}", *overrides],
+                 cache_dir=out / "cache", config=config, **kw)
+
+
+def test_pt3_tp2_pp2_skips_corrupt_media(demo, tmp_path):
+    data = tmp_path / "demo"
+    subprocess.run(["cp", "-r", str(demo), str(data)], check=True)
+    victims = sorted((data / "images").glob("caption_*.jpg"))[3:12:4]  # three of 24 (held-out or not)
+    for victim in victims:
+        victim.write_bytes(victim.read_bytes()[:200])  # a truncated download
+    out = tmp_path / "run"
+    proc = _run(4, out, ["parallel.tp=2", "parallel.pp=2", "train.steps=3", "train.eval_interval=3"], data)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert set(rows[-1]["losses"]) == {"image", "video", "audio", "text"}
+    assert set(rows[-1]["val_losses"]) == {"image", "video", "audio", "text"}
+    assert all(r["encoder_flops"] > 0 for r in rows)
+    skipped = rows[-1]["skipped_samples"]
+    assert skipped >= 1, "the truncated image must be skipped and counted"
+    assert any(v.name in proc.stdout + proc.stderr for v in victims), "a skipped file is named in the log"
+
+
+def test_resume_continues_the_same_microbatches(demo, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = ["train.steps=4", "train.save_interval=2", "train.eval_interval=null"]
+    _run(1, full, common, demo)
+    _run(1, resumed, common + ["train.exit_interval=2"], demo)
+    _run(1, resumed, common, demo)
+    a, b = metrics(full), metrics(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a[2:], b[2:]):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6) and y["losses"] == pytest.approx(x["losses"], rel=1e-6)
+        assert y["tokens"] == x["tokens"]
+
+
+def test_stage_chain_pt1_to_pt2(demo, tmp_path):
+    pt1, pt2 = tmp_path / "pt1", tmp_path / "pt2"
+    short = ["train.steps=2", "train.save_interval=2", "train.eval_interval=null"]
+    _run(1, pt1, short, demo, config="configs/tiny/stages/pt1.yaml")
+    proc = _run(1, pt2, short + [f"train.pretrained_checkpoint={pt1 / 'checkpoints'}"], demo,
+                config="configs/tiny/stages/pt2.yaml")
+    assert "weights only" in proc.stdout, proc.stdout[-3000:]
+    rows = metrics(pt2)
+    assert set(rows[0]["losses"]) == {"image"}  # PT-2: image-text data; no pure text while the LLM is frozen
+    first = metrics(pt1)
+    assert set(first[0]["losses"]) == {"image", "audio"}  # PT-1: image + audio
