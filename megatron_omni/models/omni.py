@@ -142,29 +142,12 @@ class OmniModel(GPTModel):
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
         return emb
 
-    def forward(  # noqa: D417 - the OmniMicrobatch fields
-        self,
-        input_ids: Optional[Tensor],
-        position_ids: Tensor,
-        attention_mask: Tensor,
-        labels: Optional[Tensor] = None,
-        *,
-        pixel_values: Optional[Tensor] = None,
-        image_grid_thw: Optional[Tensor] = None,
-        pixel_values_videos: Optional[Tensor] = None,
-        video_grid_thw: Optional[Tensor] = None,
-        audio_features: Optional[Tensor] = None,
-        audio_lengths: Optional[Tensor] = None,
-        **kwargs,
-    ) -> Tensor:
-        decoder_input = None
-        if self.pre_process:
-            decoder_input = self.embed_multimodal(
-                input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-                audio_features=audio_features, audio_lengths=audio_lengths)
-        return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
-                               labels=labels, **kwargs)
+    def forward(self, input_ids: Optional[Tensor], position_ids: Tensor, attention_mask: Tensor,
+                labels: Optional[Tensor] = None, **media: Optional[Tensor]) -> Tensor:
+        """GPTModel.forward with `media` = the OmniMicrobatch media fields (`embed_multimodal`'s
+        keywords), used by the first stage; later stages get hidden states from the pipeline."""
+        decoder_input = self.embed_multimodal(input_ids, **media) if self.pre_process else None
+        return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels)
 
 
 def build_omni_chunks(

@@ -20,15 +20,19 @@ from megatron_omni.models.vision.config import VisionConfig
 from megatron_omni.training.flops import FMA_FACTOR, FWD_BWD_FACTOR, attention_forward_flops, mlp_forward_flops
 
 
+def _encoder_layer_flops(segment_lengths: torch.Tensor, *, width: int, heads: int, ffn: int) -> float:
+    """One bidirectional encoder layer (MHA + ungated MLP) over segments of these lengths."""
+    n, sum_sq = int(segment_lengths.sum()), int((segment_lengths.long() ** 2).sum())
+    return attention_forward_flops(n, sum_sq, hidden_size=width, num_attention_heads=heads, num_query_groups=heads,
+                                   head_dim=width // heads, causal=False) + \
+        mlp_forward_flops(n, hidden_size=width, ffn_hidden_size=ffn, gated=False)
+
+
 def vision_forward_flops(cfg: VisionConfig, grid_thw: torch.Tensor) -> float:
     grid = grid_thw.long()
     frame_tokens = (grid[:, 1] * grid[:, 2]).repeat_interleave(grid[:, 0])
-    n, sum_sq = int(frame_tokens.sum()), int((frame_tokens ** 2).sum())
-    d = cfg.hidden_size
-    per_layer = attention_forward_flops(
-        n, sum_sq, hidden_size=d, num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_attention_heads, head_dim=cfg.head_dim, causal=False,
-    ) + mlp_forward_flops(n, hidden_size=d, ffn_hidden_size=cfg.ffn_hidden_size, gated=False)
+    n, d = int(frame_tokens.sum()), cfg.hidden_size
+    per_layer = _encoder_layer_flops(frame_tokens, width=d, heads=cfg.num_attention_heads, ffn=cfg.ffn_hidden_size)
     patch_embed = FMA_FACTOR * n * cfg.patch_dim * d
     merged = n // cfg.spatial_merge_size ** 2
     merger = FMA_FACTOR * merged * cfg.merge_width * (cfg.merge_width + cfg.out_hidden_size)
@@ -37,12 +41,8 @@ def vision_forward_flops(cfg: VisionConfig, grid_thw: torch.Tensor) -> float:
 
 def audio_forward_flops(cfg: AudioConfig, frames: torch.Tensor) -> float:
     enc = encoder_frame_count(frames.long(), cfg)
-    n, sum_sq = int(enc.sum()), int((enc ** 2).sum())
     d = cfg.d_model
-    per_layer = attention_forward_flops(
-        n, sum_sq, hidden_size=d, num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_attention_heads, head_dim=cfg.head_dim, causal=False,
-    ) + mlp_forward_flops(n, hidden_size=d, ffn_hidden_size=cfg.ffn_hidden_size, gated=False)
+    per_layer = _encoder_layer_flops(enc, width=d, heads=cfg.num_attention_heads, ffn=cfg.ffn_hidden_size)
     tokens = int(audio_token_count(frames.long(), cfg).sum())
     hidden = cfg.connector_hidden_size or cfg.out_hidden_size
     connector = FMA_FACTOR * tokens * (cfg.downsample_factor * d * hidden + hidden * cfg.out_hidden_size)
