@@ -234,7 +234,7 @@ def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> 
     # encoder LR); megatron 0.16 leaves every group with one group's max_lr/min_lr after a load,
     # so the built ones are put back afterwards (only the optimizer *state* is loaded).
     built = [{k: v for k, v in g.items() if k not in ("params", "lr", "weight_decay")}
-             for g in state.optimizer.param_groups]
+             for g in state.optimizer.param_groups] if state.optimizer is not None else []
     common = dist_checkpointing.load_common_state_dict(path)
     same_layout = common.get("layout") == _layout()
     with_optimizer = not finetune and "optimizer" in common

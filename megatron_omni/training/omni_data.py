@@ -10,6 +10,8 @@ needed everywhere).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 from typing import Dict, List, Optional
 
@@ -183,7 +185,10 @@ def build_blend_loader(cfg: RunConfig, vocab, dp_rank: int):
     """The stage's `OmniLoader` over `data.omni_blend` under `data.root`; returns (loader, the
     blend's pure-text share when it has a text stream, else None)."""
     from megatron_omni.config.loader import ConfigError
-    from megatron_omni.data.blend import load_blend
+    from megatron_omni.data.blend import load_blend, read_blend_manifests
+    from megatron_omni.data.chat_template import ChatTemplate
+    from megatron_omni.data.preference_stream import PreferenceStream, WithPreferences
+    from megatron_omni.data.sample_builder import build_preference_pair
     from megatron_omni.data.blend_loader import build_omni_loader
     from megatron_omni.data.modality_stream import LoaderConfig
     from megatron_omni.data.tokenizer import build_tokenizer
@@ -195,11 +200,25 @@ def build_blend_loader(cfg: RunConfig, vocab, dp_rank: int):
                           "builds the demo one), or data.mock=true")
     blend = load_blend(d.omni_blend)
     tokenizer = build_tokenizer(d, vocab_size=cfg.model.vocab_size)
+    config = LoaderConfig(seq_length=d.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                          seed=cfg.train.seed, pad_token_id=vocab.id("<|eot_id|>"))
+    dp_size = parallel_state.get_data_parallel_world_size()
+    # Sources of DPO rows (alignment tuning, Eq. 2) form the "preference" stream, not a modality's.
+    rows = read_blend_manifests(blend, d.root)
+    preference = [s for s in blend.sources if rows[s.name] and all(r.task == "dpo" for r in rows[s.name])]
+    if preference:
+        blend = dataclasses.replace(blend, sources=[s for s in blend.sources if s not in preference])
     loader = build_omni_loader(
         blend, root=d.root, tokenizer=tokenizer, vocab=vocab, vision=cfg.omni.vision, audio=cfg.omni.audio,
-        config=LoaderConfig(seq_length=d.seq_length, micro_batch_size=cfg.train.micro_batch_size,
-                            seed=cfg.train.seed, pad_token_id=vocab.id("<|eot_id|>")),
-        dp_rank=dp_rank, dp_size=parallel_state.get_data_parallel_world_size())
+        config=config, dp_rank=dp_rank, dp_size=dp_size)
+    if preference:
+        build_pair = functools.partial(
+            build_preference_pair, root=d.root, tokenizer=tokenizer, vocab=vocab, vision=cfg.omni.vision,
+            audio=cfg.omni.audio, max_image_tokens=blend.max_image_tokens, max_video_frames=blend.max_video_frames,
+            template=ChatTemplate(tokenizer, vocab))
+        pairs = PreferenceStream([r for s in preference for r in rows[s.name]], build_pair, config,
+                                 dp_rank=dp_rank, dp_size=dp_size)
+        loader = WithPreferences(loader, pairs)
     log.info("omni data: blend %s (stage %s) under %s, modalities %s", d.omni_blend, blend.stage, d.root,
              ", ".join(loader.modalities))
     return loader, (blend.pure_text_share if "text" in loader.modalities else None)
