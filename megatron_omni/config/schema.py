@@ -14,6 +14,7 @@ from typing import List, Optional
 from megatron_omni.models.audio.config import AudioConfig
 from megatron_omni.models.vision.config import VisionConfig
 from megatron_omni.balance.config import SchedulerConfig
+from megatron_omni.training.dpo import DPOConfig
 from megatron_omni.models.moe.config import MoEConfig
 
 
@@ -171,6 +172,18 @@ class TrainConfig:
     keep_last_checkpoints: Optional[int] = None  # None = keep all
 
 
+@dataclass
+class LoRAConfig:
+    """LoRA adapters on the LLM's linear layers (paper Sec. 2.2 alignment tuning: "LoRA to update
+    5.0% of the LLM's backbone weights"); tensor-parallel like their base layers (models/lora.py)."""
+
+    rank: Optional[int] = None  # None = the rank that trains `fraction` of the backbone weights
+    fraction: float = 0.05  # Sec. 2.2
+    alpha: Optional[float] = None  # None = rank (scale 1)
+    dropout: float = 0.0
+    targets: List[str] = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+
+
 # Modules that can be frozen one by one (paper Table 2 "trainable modules" per stage).
 OMNI_MODULES = ("vision_encoder", "vision_connector", "audio_encoder", "audio_connector", "llm")
 
@@ -206,5 +219,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     omni: Optional[OmniConfig] = None  # null = a text-only Llama run
+    lora: Optional[LoRAConfig] = None  # adapters on the LLM (alignment tuning); null = full weights
+    dpo: Optional[DPOConfig] = None  # beta and lambda of Eq. 2 when the blend has preference pairs
     # Modality scheduling and loss balance of omni stages (M2-omni Sec. 3); None = text-only run.
     balance: Optional[SchedulerConfig] = None

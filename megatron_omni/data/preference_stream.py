@@ -41,7 +41,14 @@ class PreferenceStream:
         return [PREFERENCE]
 
     def _next_pair(self) -> Tuple[OmniSample, OmniSample]:
+        tried = 0
         while True:
+            tried += 1
+            if tried > max(1, self._keys.shape[0]) + 1:  # a whole epoch of this rank's pairs unusable
+                raise RuntimeError(
+                    f"preference stream: none of this rank's {self._keys.shape[0]} pairs is usable "
+                    f"(skipped: {dict(self.skipped)}); for 'too_long' raise data.seq_length above "
+                    f"{self.config.seq_length} (a row holds chosen + rejected) or lower max_image_tokens")
             if self.cursor >= self._keys.shape[0]:
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self._keys = self.order.epoch_keys(self.epoch)

@@ -225,14 +225,16 @@ def adapters(model) -> Iterator[LoRAAdapter]:
 
 @torch.no_grad()
 def apply_lora(model, targets: Sequence[str] = DEFAULT_TARGETS, *, rank: int, alpha: float,
-               dropout: float = 0.0, seed: int = 1234) -> List[LoRAAdapter]:
+               dropout: float = 0.0, seed: int = 1234, within: str = "") -> List[LoRAAdapter]:
     """Freeze every parameter of `model` (a GPTModel chunk or a list of them) and add LoRA
     adapters to the linear layers named in `targets`.
 
     A is drawn layout-invariantly, like the base weights (models/init.py): the full [r, in]
     tensor from a generator seeded by (seed, global base-weight name), Kaiming-uniform
     (bound 1/sqrt(in), Hu et al.'s default), then this rank keeps its shard; B starts at 0.
-    The same seed therefore gives the same adapters at every TP/PP layout.
+    The same seed therefore gives the same adapters at every TP/PP layout.  `within` limits the
+    adapters to modules whose name starts with it (e.g. "decoder." = the LLM's layers of an
+    OmniModel, not its encoders); the parameters outside are frozen all the same.
     """
     if isinstance(rank, bool) or int(rank) != rank or rank < 1:
         raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
@@ -247,7 +249,8 @@ def apply_lora(model, targets: Sequence[str] = DEFAULT_TARGETS, *, rank: int, al
         gated_ids = layout.gated_fc1_weights(inner)
         for p in inner.parameters():
             p.requires_grad_(False)
-        targets_found = [(n, m) for n, m in inner.named_modules() if n.rsplit(".", 1)[-1] in targets]
+        targets_found = [(n, m) for n, m in inner.named_modules()
+                         if n.rsplit(".", 1)[-1] in targets and n.startswith(within)]
         if not targets_found:
             raise ValueError(f"LoRA: no module named one of {list(targets)} in {type(inner).__name__}")
         for mod_name, module in targets_found:

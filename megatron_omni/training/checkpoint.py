@@ -212,6 +212,21 @@ def _load_optimizer(optimizer, state_dict) -> None:
             sub.optimizer.state[p]["step"] = step.clone()
 
 
+def _drop_new_adapters(sd: Dict[str, Any], path: str) -> set:
+    """Starting LoRA fine-tuning from a checkpoint without adapters (the alignment stage from
+    IT-3): the adapters' entries are not in it, so they are not requested and keep their fresh
+    init (B = 0: the model starts as the checkpoint).  Returns the dropped parameter names."""
+    stored = dist_checkpointing.load_tensors_metadata(path)
+    dropped = set()
+    for key in [k for k in sd if k.startswith("model")]:
+        for name in list(sd[key]):
+            entry = sd[key][name]
+            if ".lora." in name and getattr(entry, "key", None) not in stored:
+                del sd[key][name]
+                dropped.add(name)
+    return dropped
+
+
 def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> Optional[Dict[str, Any]]:
     """Resume from the latest checkpoint in `root` (or from `root` itself if it is an iter_ folder).
 
@@ -249,13 +264,15 @@ def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> 
         get_default_load_sharded_strategy(path),
         parallel_state.get_data_parallel_group(with_context_parallel=True),
     )
+    new_adapters = _drop_new_adapters(sd, path) if finetune else set()
     loaded = dist_checkpointing.load(sd, path, sharded_strategy=strategy)
     chunks = [unwrap(chunk) for chunk in state.model]
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"], strict=True)
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+    model_keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for chunk, key in zip(chunks, model_keys):
+        missing, unexpected = chunk.load_state_dict(loaded[key], strict=not new_adapters)
+        left = [k for k in missing if k not in new_adapters and not k.endswith("_extra_state")]
+        if left or unexpected:
+            raise RuntimeError(f"{path}: checkpoint does not match the model: missing {left[:5]}, unexpected {unexpected[:5]}")
     if with_optimizer:
         if "optimizer" in loaded:
             _load_optimizer(state.optimizer, loaded["optimizer"])

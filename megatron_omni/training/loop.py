@@ -59,10 +59,23 @@ def build_train_state(cfg: RunConfig, param_group_hook: Optional[ParamGroupHook]
     else:
         chunks = build_llama_chunks(cfg.model, cfg.parallel, seq_length=cfg.data.seq_length, params_dtype=dtype)
         init_weights_layout_invariant(chunks, cfg.model, cfg.train.seed)
+    if cfg.lora is not None:
+        apply_lora_from_config(chunks, cfg)
     model = wrap_ddp(cfg, chunks, dtype)
     optimizer, scheduler = build_optimizer(cfg, model, dtype, param_group_hook)
     attach_schedule_hooks(model, optimizer)
     return TrainState(model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def apply_lora_from_config(chunks, cfg: RunConfig) -> None:
+    """LoRA on the backbone's decoder layers only (the encoders and connectors stay frozen or not
+    as `omni.freeze` says); every other backbone weight is frozen."""
+    from megatron_omni.models.lora import apply_lora, lora_rank_for_fraction
+
+    lo = cfg.lora
+    rank = lo.rank or lora_rank_for_fraction(cfg.model, lo.fraction)
+    apply_lora(chunks, tuple(lo.targets), rank=rank, alpha=lo.alpha or float(rank), dropout=lo.dropout,
+               seed=cfg.train.seed, within="decoder.")
 
 
 def num_microbatches(cfg: RunConfig) -> int:
@@ -161,7 +174,7 @@ def pretrain(
         start = time.time()
         step_iterators, step_forward = iterators, forward_step_func
         if omni_data is not None:
-            step_iterators, step_forward = omni_data.step_iterators(state.step), omni_data.forward_step_func
+            step_iterators, step_forward = omni_data.step_iterators(state.step, state.model), omni_data.forward_step_func
             if profiler is not None:
                 step_iterators = profiler.wrap_iterators(step_iterators)
         result = train_step(

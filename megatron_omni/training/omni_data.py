@@ -22,10 +22,14 @@ from megatron.core import parallel_state
 from megatron_omni.balance import ModalityRoundScheduler, SchedulerConfig
 from megatron_omni.balance.loss import all_reduce_modality_tokens, local_modality_tokens, microbatch_loss_scale
 from megatron_omni.config.schema import RunConfig
+from megatron_omni.training.dpo import DPOConfig
 from megatron_omni.training.encoder_flops import encoder_training_flops
 from megatron_omni.training.omni_step import (
     AUDIO_GEN_LOSS,
+    DPO_ACCURACY,
+    DPO_LOSS,
     MODALITY_LOSS_PREFIX,
+    PREFERENCE,
     UNDERSTANDING_LOSS,
     PlannedMicrobatch,
     omni_forward_step,
@@ -44,29 +48,55 @@ class OmniData:
         self.modalities: List[str] = list(scheduler.modalities)
         # Dynamic adaptive balance (Sec. 3.2): validation losses every train.eval_interval steps.
         self.balancer = scheduler.make_adaptive_balancer() if scheduler.cfg.adaptive.enabled else None
+        self.dpo = cfg.dpo or DPOConfig()
         self._step_encoder_flops, self._step_microbatches = 0.0, {}
 
     # ---------------------------------------------------------------- per step
 
-    def step_iterators(self, step: int) -> List[Optional[object]]:
+    def step_iterators(self, step: int, model: Optional[list] = None) -> List[Optional[object]]:
         plan = self.scheduler.plan(step)
         if len(plan.microbatch_modalities) != self.num_microbatches:
             raise RuntimeError(f"scheduler planned {len(plan.microbatch_modalities)} microbatches, "
                                f"the step has {self.num_microbatches}")
         batches = [self.source.next_microbatch(m) for m in plan.microbatch_modalities]
-        # Eq. 5/7 scaling needs every modality's loss tokens over the whole global batch.
+        # Eq. 5/7 scaling needs every modality's loss units over the whole global batch: target
+        # tokens, or pairs for the DPO stream (its loss is a mean over pairs).
+        units = [torch.ones(b.tokens.shape[0]) if b.modality == PREFERENCE else b.loss_mask for b in batches]
         tokens = all_reduce_modality_tokens(
-            local_modality_tokens(plan.microbatch_modalities, [b.loss_mask for b in batches], self.modalities),
+            local_modality_tokens(plan.microbatch_modalities, units, self.modalities),
             parallel_state.get_data_parallel_group(with_context_parallel=True))
         weights = {m: plan.modality_weights.get(m, 1.0) for m in self.modalities}
-        planned = [PlannedMicrobatch(b, microbatch_loss_scale(b.modality, tokens, weights)) for b in batches]
+        if PREFERENCE in self.modalities:  # Eq. 2: L_dpo + lambda * L_it
+            weights = {m: w if m == PREFERENCE else w * self.dpo.it_weight for m, w in weights.items()}
+        planned = [PlannedMicrobatch(b, microbatch_loss_scale(b.modality, tokens, weights), dpo_beta=self.dpo.beta)
+                   for b in batches]
+        if any(b.modality == PREFERENCE for b in batches):
+            self._reference_logps(model, [p for p in planned if p.batch.modality == PREFERENCE])
         omni = self.cfg.omni
         self._step_encoder_flops = sum(encoder_training_flops(omni.vision, omni.audio, b) for b in batches)
         self._step_microbatches = plan.counts()
         return [iter(planned) for _ in range(self.num_chunks)]
 
+    @torch.no_grad()
+    def _reference_logps(self, model: list, planned: List[PlannedMicrobatch]) -> None:
+        """DPO reference log-probs (Eq. 2): the same model with its LoRA adapters off -- no second
+        copy -- in a forward-only pass over the step's preference microbatches; the last pipeline
+        stage keeps them on the microbatches for the training pass."""
+        from megatron_omni.models.lora import adapters_disabled
+        from megatron_omni.training.step import run_schedule
+
+        items = [PlannedMicrobatch(p.batch, 0.0, None) for p in planned]
+        with adapters_disabled(model):
+            reports = run_schedule(model, [iter(items) for _ in range(self.num_chunks)], num_microbatches=len(items),
+                                   seq_length=self.cfg.data.seq_length, micro_batch_size=self.cfg.train.micro_batch_size,
+                                   forward_only=True, forward_step_func=self.forward_step_func)
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            for p, report in zip(planned, reports):
+                p.ref_logps = report["ref_logps"]
+
     def report_names(self) -> List[str]:
-        return [LM_LOSS, UNDERSTANDING_LOSS, AUDIO_GEN_LOSS] + [MODALITY_LOSS_PREFIX + m for m in self.modalities]
+        return [LM_LOSS, UNDERSTANDING_LOSS, AUDIO_GEN_LOSS, DPO_LOSS, DPO_ACCURACY] + [
+            MODALITY_LOSS_PREFIX + m for m in self.modalities]
 
     def reduce_reports(self, losses_reduced: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """{report name: [loss_sum, tokens]} summed over microbatches and DP, identical on every rank
@@ -92,7 +122,10 @@ class OmniData:
         losses = {name[len(MODALITY_LOSS_PREFIX):]: mean(t) for name, t in totals.items()
                   if name.startswith(MODALITY_LOSS_PREFIX) and float(t[1]) > 0}
         skipped, encoder_flops = self._dp_sums()
-        return {"losses": losses, "understanding_loss": mean(totals[UNDERSTANDING_LOSS]),
+        extra = {}
+        if PREFERENCE in self.modalities:
+            extra = {"dpo_loss": mean(totals[DPO_LOSS]), "dpo_accuracy": mean(totals[DPO_ACCURACY])}
+        return {"losses": losses, "understanding_loss": mean(totals[UNDERSTANDING_LOSS]), **extra,
                 "audio_gen_loss": mean(totals[AUDIO_GEN_LOSS]),
                 "skipped_samples": int(skipped), "encoder_flops": encoder_flops}
 
@@ -119,6 +152,8 @@ class OmniData:
         out = {}
         for m in self.modalities:
             batches = self.source.validation_microbatches(m)
+            if not batches:  # e.g. the DPO stream: not part of the adaptive balance
+                continue
             iterators = [iter([PlannedMicrobatch(b) for b in batches]) for _ in range(self.num_chunks)]
             losses = run_schedule(model, iterators, num_microbatches=len(batches), seq_length=self.cfg.data.seq_length,
                                   micro_batch_size=self.cfg.train.micro_batch_size, forward_only=True,

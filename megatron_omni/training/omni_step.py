@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -27,6 +27,7 @@ from megatron_omni.data.omni_batch import OmniMicrobatch
 from megatron_omni.data.packing import packed_attention_mask
 from megatron_omni.models.omni_vocab import OmniVocab
 from megatron_omni.parallel.layout import unwrap
+from megatron_omni.training.dpo import dpo_loss
 from megatron_omni.training.step import LM_LOSS
 
 UNDERSTANDING_LOSS = "understanding loss"
@@ -34,10 +35,48 @@ AUDIO_GEN_LOSS = "audio generation loss"
 MODALITY_LOSS_PREFIX = "loss/"
 
 
+DPO_LOSS = "dpo loss"
+DPO_ACCURACY = "dpo accuracy"
+PREFERENCE = "preference"
+
+
 @dataclass
 class PlannedMicrobatch:
     batch: OmniMicrobatch
     loss_scale: float = 1.0
+    # preference microbatches (alignment tuning): the reference policy's (chosen, rejected) sequence
+    # log-probs per row, [B, 2], on the last pipeline stage; None in the reference pass itself
+    ref_logps: Optional[torch.Tensor] = None
+    dpo_beta: float = 0.1
+
+
+def pair_logprobs(batch: OmniMicrobatch, per_token_loss: torch.Tensor) -> torch.Tensor:
+    """[B, 2] sequence log-probs of (chosen, rejected): each row of a preference microbatch holds
+    the chosen sample, then the rejected one, as its first two segments (data/preference_stream.py)."""
+    seg = batch.segment_ids()
+    local = seg - seg[:, :1]  # 0 = chosen, 1 = rejected, 2 = padding
+    logp = -per_token_loss.float() * batch.loss_mask.float()
+    return torch.stack([(logp * (local == 0)).sum(-1), (logp * (local == 1)).sum(-1)], dim=-1)
+
+
+def preference_loss(planned: PlannedMicrobatch, output_tensor: torch.Tensor):
+    """L_dpo of paper Eq. 2 summed over the microbatch's pairs (the step's loss scaling turns the
+    sum into the mean over all pairs of the global batch); without reference log-probs this is
+    the reference pass and only reports them."""
+    logps = pair_logprobs(planned.batch, output_tensor)
+    pairs = torch.tensor(logps.shape[0], dtype=torch.int, device=logps.device)
+    if planned.ref_logps is None:
+        return logps.sum() * 0.0, pairs, {"ref_logps": logps.detach()}
+    ref = planned.ref_logps.to(logps.device)
+    loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], planned.dpo_beta)
+    n = float(logps.shape[0])
+    loss_sum = loss * n
+    reports = {
+        DPO_LOSS: torch.stack([loss_sum.detach(), torch.tensor(n, device=loss.device)]),
+        MODALITY_LOSS_PREFIX + PREFERENCE: torch.stack([loss_sum.detach(), torch.tensor(n, device=loss.device)]),
+        DPO_ACCURACY: torch.stack([metrics["accuracy"] * n, torch.tensor(n, device=loss.device)]),
+    }
+    return loss_sum * planned.loss_scale, pairs, reports
 
 
 def omni_loss(batch: OmniMicrobatch, vocab: OmniVocab, loss_scale: float, output_tensor: torch.Tensor):
@@ -80,4 +119,7 @@ def omni_forward_step(data_iterator: Iterator[PlannedMicrobatch], model: torch.n
         set_current_modality(inner, batch.modality)
     output = model(batch.tokens if inner.pre_process else None, batch.position_ids, mask,
                    labels=batch.labels if inner.post_process else None, **media)
+    if batch.modality == PREFERENCE:
+        return output, partial(preference_loss, PlannedMicrobatch(batch, planned.loss_scale, planned.ref_logps,
+                                                                  planned.dpo_beta))
     return output, partial(omni_loss, batch, inner.vocab, planned.loss_scale)
