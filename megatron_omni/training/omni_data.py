@@ -65,9 +65,7 @@ class OmniData:
         tokens = all_reduce_modality_tokens(
             local_modality_tokens(plan.microbatch_modalities, units, self.modalities),
             parallel_state.get_data_parallel_group(with_context_parallel=True))
-        weights = {m: plan.modality_weights.get(m, 1.0) for m in self.modalities}
-        if PREFERENCE in self.modalities:  # Eq. 2: L_dpo + lambda * L_it
-            weights = {m: w if m == PREFERENCE else w * self.dpo.it_weight for m, w in weights.items()}
+        weights = self._effective_weights(plan.modality_weights)
         planned = [PlannedMicrobatch(b, microbatch_loss_scale(b.modality, tokens, weights), dpo_beta=self.dpo.beta)
                    for b in batches]
         if any(b.modality == PREFERENCE for b in batches):
@@ -172,8 +170,15 @@ class OmniData:
         self.scheduler.set_adaptive_weights(weights)
         return dict(zip(self.modalities, weights))
 
+    def _effective_weights(self, planned: Dict[str, float]) -> Dict[str, float]:
+        """The scheduler's w_i; with preference pairs, Eq. 2: L_dpo + lambda * (each L_it)."""
+        weights = {m: planned.get(m, 1.0) for m in self.modalities}
+        if PREFERENCE in self.modalities:
+            weights = {m: w if m == PREFERENCE else w * self.dpo.it_weight for m, w in weights.items()}
+        return weights
+
     def modality_weights(self, step: int) -> Dict[str, float]:
-        return dict(self.scheduler.plan(step).modality_weights)
+        return self._effective_weights(self.scheduler.plan(step).modality_weights)
 
     # ---------------------------------------------------------------- checkpoint
 

@@ -71,3 +71,24 @@ def test_stage_chain_pt1_to_pt2(demo, tmp_path):
     assert set(rows[0]["losses"]) == {"image"}  # PT-2: image-text data; no pure text while the LLM is frozen
     first = metrics(pt1)
     assert set(first[0]["losses"]) == {"image", "audio"}  # PT-1: image + audio
+
+
+def test_alignment_tuning_dpo_with_lora_from_a_checkpoint(demo, tmp_path):
+    """AT (Eq. 2) at PP2: LoRA adapters added to a checkpoint that has none (B = 0, so the policy
+    starts equal to the reference: the first DPO loss is exactly ln 2 through the pipelined
+    reference pass), only adapters train, instruction losses carry lambda = 0.3."""
+    import math
+
+    base = tmp_path / "base"
+    train(1, base, ["train.steps=1", "train.save_interval=1", "data.seq_length=128", "train.micro_batch_size=1"], cache_dir=tmp_path / "c",
+          config="configs/tiny/omni_mock.yaml")
+    at = tmp_path / "at"
+    proc = _run(2, at, ["parallel.pp=2", "train.steps=2", "train.eval_interval=null", "data.seq_length=512",
+                        f"train.pretrained_checkpoint={base / 'checkpoints'}"], demo,
+                config="configs/tiny/stages/at.yaml")
+    assert "weights only" in proc.stdout and "LoRA: rank" in proc.stdout
+    rows = metrics(at)
+    assert rows[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[1]["dpo_loss"] != pytest.approx(math.log(2), abs=1e-9)  # the adapters moved
+    weights = rows[0]["modality_weights"]
+    assert weights.pop("preference") == 1.0 and all(w == pytest.approx(0.3) for w in weights.values())
