@@ -200,7 +200,7 @@ def main(argv=None) -> int:
                   f"(wav 16k, flac 44.1k, opus 48k, ogg 44.1k); generated in {time.perf_counter() - t0:.1f} s")
             rows += bench_set("synthetic", files, args.min_seconds)
     print(f"\nsingle-threaded decoders, batch 1, contenders alternated, median of >= 3 passes; "
-          f"ratio = speed vs the PyAV row of the same set (H.264 rows: vs PyAV VP9)\n")
+          "ratio = speed vs the PyAV row of the same set (H.264 rows: vs PyAV VP9)\n")
     print_table(rows)
     return 0
 
