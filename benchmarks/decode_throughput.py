@@ -199,7 +199,7 @@ def main(argv=None) -> int:
             print(f"synthetic set: 2 VP9 + 2 H.264 clips (48 frames, 360x640, 24 fps), 4 audio clips of 10 s "
                   f"(wav 16k, flac 44.1k, opus 48k, ogg 44.1k); generated in {time.perf_counter() - t0:.1f} s")
             rows += bench_set("synthetic", files, args.min_seconds)
-    print(f"\nsingle-threaded decoders, batch 1, contenders alternated, median of >= 3 passes; "
+    print("\nsingle-threaded decoders, batch 1, contenders alternated, median of >= 3 passes; "
           "ratio = speed vs the PyAV row of the same set (H.264 rows: vs PyAV VP9)\n")
     print_table(rows)
     return 0
