@@ -111,7 +111,15 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             "context parallelism); run with TE on GPU or set parallel.cp=1"
         )
     _validate_moe(cfg)
-    if not cfg.data.blend:
+    if cfg.omni is not None:
+        if cfg.parallel.cp > 1:
+            raise ConfigError("parallel.cp > 1 is not supported for omni runs yet (packed rows use a dense "
+                              "block-diagonal mask); set parallel.cp=1")
+        if not cfg.data.mock and not (cfg.data.omni_blend and cfg.data.root):
+            raise ConfigError("an omni run needs data.omni_blend (a stage blend YAML, e.g. configs/data/pt3.yaml) "
+                              "and data.root (its manifests' folder; tools/make_demo_data.py --out DIR builds the "
+                              "demo one), or data.mock=true")
+    elif not cfg.data.blend:
         raise ConfigError("data.blend is empty: name at least one data source (path: ..., weight: ...)")
 
 
