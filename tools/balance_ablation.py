@@ -27,7 +27,7 @@ sys.path.insert(0, REPO)
 MODALITIES = "[image, video, audio, text]"
 VARIANTS: Dict[str, str] = {
     "random": "{mode: random, modalities: %s, pure_text_share: 0.25, "
-              "data_volumes: {image: 36, video: 6, audio: 18}}" % MODALITIES,
+              "data_volumes: {image: 36, video: 6, audio: 18, text: 24}}" % MODALITIES,
     "round_robin": "{mode: round_robin, modalities: %s, pure_text_share: 0.25}" % MODALITIES,
     "accumulation": "{mode: accumulation, modalities: %s, pure_text_share: 0.25}" % MODALITIES,
     "accumulation+adaptive": "{mode: accumulation, modalities: %s, pure_text_share: 0.25, "
