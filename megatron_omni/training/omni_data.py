@@ -148,8 +148,13 @@ class OmniData:
         for chunk in model:
             chunk.eval()
         out = {}
+        dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         for m in self.modalities:
             batches = self.source.validation_microbatches(m)
+            # Every DP rank runs the same number of forwards: expert-parallel collectives span DP.
+            n = torch.tensor([len(batches)], device=torch.cuda.current_device())
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=dp_group)
+            batches = batches[:int(n.item())]
             if not batches:  # e.g. the DPO stream: not part of the adaptive balance
                 continue
             iterators = [iter([PlannedMicrobatch(b) for b in batches]) for _ in range(self.num_chunks)]
