@@ -17,6 +17,7 @@ and the loss of the microbatch's modality ("loss/<modality>").
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Optional
@@ -120,6 +121,5 @@ def omni_forward_step(data_iterator: Iterator[PlannedMicrobatch], model: torch.n
     output = model(batch.tokens if inner.pre_process else None, batch.position_ids, mask,
                    labels=batch.labels if inner.post_process else None, **media)
     if batch.modality == PREFERENCE:
-        return output, partial(preference_loss, PlannedMicrobatch(batch, planned.loss_scale, planned.ref_logps,
-                                                                  planned.dpo_beta))
+        return output, partial(preference_loss, dataclasses.replace(planned, batch=batch))
     return output, partial(omni_loss, batch, inner.vocab, planned.loss_scale)

@@ -11,14 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
+
 import torch
+
+from megatron_omni.models.config_section import ConfigSection
 
 
 IntOrTensor = Union[int, torch.Tensor]
 
 
 @dataclass
-class AudioConfig:
+class AudioConfig(ConfigSection):
     """An audio encoder + connector.  Defaults: a Whisper-large-style encoder on 80-dim fbank."""
 
     encoder_type: str = "whisper"  # whisper | sanm (Paraformer-style SANM with low-frame-rate stacking)
@@ -69,19 +72,6 @@ class AudioConfig:
         if self.encoder_type == "whisper":
             return self.max_source_positions * self.conv2_stride
         return self.max_source_positions * self.lfr_n
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "AudioConfig":
-        """Typed, with unknown keys rejected (and a suggestion), by the project's config loader."""
-        from megatron_omni.config.loader import from_dict  # lazy: the run-config schema imports this module
-
-        return from_dict(cls, data)
-
-    @classmethod
-    def from_yaml(cls, path: str) -> "AudioConfig":
-        from megatron_omni.config.loader import load_section_file
-
-        return load_section_file(cls, path)
 
 
 def _ceil_div(a: IntOrTensor, b: int) -> IntOrTensor:

@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
+from megatron_omni.models.config_section import ConfigSection
+
+
 
 
 @dataclass
-class VisionConfig:
+class VisionConfig(ConfigSection):
     """ViT for native-resolution images / videos + 2x2 merge connector.
 
     Defaults are the ~600M "ViT-600M" class used by M2-omni (= Qwen2-VL's vision tower:
@@ -54,19 +57,6 @@ class VisionConfig:
     @property
     def merge_width(self) -> int:
         return self.hidden_size * self.spatial_merge_size ** 2
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "VisionConfig":
-        """Typed, with unknown keys rejected (and a suggestion), by the project's config loader."""
-        from megatron_omni.config.loader import from_dict  # lazy: the run-config schema imports this module
-
-        return from_dict(cls, data)
-
-    @classmethod
-    def from_yaml(cls, path: str) -> "VisionConfig":
-        from megatron_omni.config.loader import load_section_file
-
-        return load_section_file(cls, path)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
