@@ -1,11 +1,15 @@
 """Throughput of the whole tiny run: TP2 x PP2 (4 ranks) against TP1 (1 rank), same global batch.
 
-    python benchmarks/tiny_throughput.py [--steps 20] [--warmup 3] [--out runs/bench_tiny_throughput]
-        [--nproc 4] [section.key=value ...]
+    python benchmarks/tiny_throughput.py [--config configs/tiny/llm.yaml] [--steps 20] [--warmup 3]
+        [--out runs/bench_tiny_throughput] [section.key=value ...]
+    python benchmarks/tiny_throughput.py --config configs/tiny/omni_mock.yaml   # the tiny omni run
+    python benchmarks/tiny_throughput.py --config configs/tiny/pt_stage3.yaml data.root=runs/demo_data
 
 Each layout runs tools/profile_throughput.py under torchrun (same config, same global
 batch, so the same tokens per step); prints tokens/s, TFLOP/s/GPU, the profiler's time
-split per pipeline stage and communication breakdown, and the ratio of the two.  On
+split per pipeline stage and communication breakdown, and the ratio of the two.  An omni
+config adds tokens/s per modality and the encoders' share of the FLOPs (TFLOP/s/GPU counts
+the encoders; "LLM only" is the decoder alone).  On
 CPU the ranks are emulated and share the machine's cores, so the parallel run is
 expected to be *slower* per token: the ratio measures the parallelism's overheads
 (p2p, TP all-reduces, bubble), not a speed-up.
@@ -55,6 +59,12 @@ def describe(name: str, s: Dict) -> List[str]:
         f"  step ms: mean {st['mean']:.1f} | p50 {st['p50']:.1f} | max {st['max']:.1f} "
         f"(steps {s['measured_steps'][0]}..{s['measured_steps'][-1]})",
     ]
+    if s.get("modalities"):
+        lines.append(f"  FLOPs/step {thr['flops_per_step']:.3e} = LLM {thr['llm_flops_per_step']:.3e} + encoders "
+                     f"{thr['encoder_flops_per_step']:.3e} ({100 * thr['encoder_flops_share']:.1f}%); LLM only "
+                     f"{thr['llm_tflops_per_gpu']:.4f} TFLOP/s/GPU")
+        lines.append("  tokens/s per modality (encoder share of its FLOPs): " + " | ".join(
+            f"{r['modality']} {r['tokens_per_s']:,.0f} ({100 * r['encoder_share']:.1f}%)" for r in s["modalities"]))
     for stage in s["stages"]:
         sp = stage["split"]
         lines.append(
@@ -73,7 +83,9 @@ def describe(name: str, s: Dict) -> List[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/tiny/llm.yaml")
+    p.add_argument("--config", default="configs/tiny/llm.yaml",
+                   help="run config; an omni one (configs/tiny/omni_mock.yaml, pt_stage3.yaml) adds "
+                        "per-modality numbers")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default="runs/bench_tiny_throughput")
@@ -89,8 +101,10 @@ def main(argv=None) -> int:
     print(f"\nratio TP2xPP2 / TP1 tokens/s: {ratio:.3f} (per GPU: "
           f"{par['tokens_per_s_per_gpu'] / ref['tokens_per_s_per_gpu']:.3f})")
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({"ratio_tokens_per_s": ratio, **{k: v["throughput"] for k, v in results.items()},
-                   "step_time_ms": {k: v["step_time_ms"] for k, v in results.items()}}, f, indent=1)
+        json.dump({"config": args.config, "ratio_tokens_per_s": ratio,
+                   **{k: v["throughput"] for k, v in results.items()},
+                   "step_time_ms": {k: v["step_time_ms"] for k, v in results.items()},
+                   "modalities": {k: v.get("modalities") for k, v in results.items()}}, f, indent=1)
     print(f"reports: {args.out}/{{{','.join(results)}}}/report.md")
     return 0
 

@@ -7,6 +7,13 @@ Writes DIR/report.md (+ profile.json), DIR/time_split.png, DIR/step_time.png,
 DIR/trace_rank{r}.json (Chrome traces of the --trace-steps window, default: the two
 steps after warmup) and the run's DIR/metrics.jsonl, whose rows carry `timers`.
 Works on GPUs (NCCL) and on CPU (CUDA emulated, gloo).
+
+An omni config (configs/tiny/omni_mock.yaml; configs/tiny/pt_stage3.yaml data.root=DIR after
+tools/make_demo_data.py --out DIR) adds tokens/s per modality, the encoders' FLOPs (in TFLOP/s/GPU
+and MFU, and their share per modality) and the step's microbatch fetch (data-fetch) to the report:
+
+    torchrun --nproc_per_node 4 tools/profile_throughput.py --config configs/tiny/omni_mock.yaml \
+        --steps 6 --warmup 2 --out runs/profile_omni parallel.tp=2 parallel.pp=2
 """
 
 from __future__ import annotations

@@ -19,9 +19,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_omni.profiling.timers import TRAIN_STEP, StepTimers, TimedIterator, ordered
+from megatron_omni.profiling.timers import TRAIN_STEP, StepTimers, TimedIterator, TimedSource, ordered
 
 log = logging.getLogger("megatron_omni.train")
+
+# Keys of a metrics row kept per step for the report; the omni loop adds the per-modality
+# tokens/s and the encoders' FLOPs (the report's TFLOP/s, MFU and per-modality table need them).
+RECORD_KEYS = ("step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu",
+               "tokens_per_s_by_modality", "encoder_flops", "encoder_flops_by_modality")
+
 
 @dataclass
 class ProfileOptions:
@@ -90,6 +96,10 @@ class StepProfiler:
     def wrap_iterators(self, iterators: List[Optional[Iterator]]) -> List[Optional[Iterator]]:
         return [None if it is None else TimedIterator(it, self.timers) for it in iterators]
 
+    def wrap_source(self, source):
+        """An omni data source whose microbatch fetches run under the `data-fetch` timer."""
+        return TimedSource(source, self.timers)
+
     # ------------------------------------------------------------ per step
 
     def step_begin(self, step: int) -> None:
@@ -119,7 +129,7 @@ class StepProfiler:
         if self.options.keep_records:
             self.records.append({
                 "step": step,
-                **{k: row[k] for k in ("step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu") if k in row},
+                **{k: row[k] for k in RECORD_KEYS if k in row},
                 "traced": step in self._traced_steps,
                 "ranks": gathered,
             })

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from megatron_omni.profiling import charts
 from megatron_omni.profiling.timers import (
     BACKWARD_COMPUTE,
+    DATA_FETCH,
     DATA_WAIT,
     DP_GRAD_SYNC_TIMERS,
     FORWARD_BACKWARD,
@@ -56,21 +57,49 @@ def _stage_timers(records: List[Dict[str, Any]], ranks: List[int]) -> Dict[str, 
 
 def _split(t: Dict[str, float]) -> Dict[str, float]:
     g = t.get
-    data = g(DATA_WAIT, 0.0)
-    fwd = max(0.0, g(FORWARD_COMPUTE, 0.0) - data)  # data wait runs inside forward-compute
+    in_schedule = g(DATA_WAIT, 0.0)  # runs inside forward-compute
+    fetch = g(DATA_FETCH, 0.0)  # omni: the step's microbatches, drawn before the schedule
+    fwd = max(0.0, g(FORWARD_COMPUTE, 0.0) - in_schedule)
     bwd = g(BACKWARD_COMPUTE, 0.0)
     grad_sync = sum(g(n, 0.0) for n in GRAD_SYNC_TIMERS)
     fb = g(FORWARD_BACKWARD, 0.0)
     opt = g(OPTIMIZER, 0.0)
     step = g(TRAIN_STEP, 0.0)
     return {
-        "data_wait": data, "forward": fwd, "backward": bwd,
-        "pipeline": max(0.0, fb - data - fwd - bwd - grad_sync),
+        "data_wait": in_schedule + fetch, "forward": fwd, "backward": bwd,
+        "pipeline": max(0.0, fb - in_schedule - fwd - bwd - grad_sync),
         "grad_sync": grad_sync, "optimizer": opt,
-        "other": max(0.0, step - fb - opt),
+        "other": max(0.0, step - fb - opt - fetch),
         "step": step,
         "p2p_timers": sum(g(n, 0.0) for n in P2P_TIMERS),
+        # what the bubble is measured against: the stage's work inside the schedule
+        "schedule_compute": in_schedule + fwd + bwd,
     }
+
+
+def _modalities(measured: List[Dict[str, Any]], llm_flops_per_step: float) -> Optional[List[Dict[str, Any]]]:
+    """Per modality over the measured steps of an omni run (None for a text-only run): tokens/s,
+    and its FLOPs per step -- the LLM's share by tokens (every microbatch is micro batch x seq
+    length, so the LLM costs the same per token whatever the modality) plus its encoders'."""
+    if not measured or not all("tokens_per_s_by_modality" in r for r in measured):
+        return None
+    names = list(dict.fromkeys(m for r in measured for m in r["tokens_per_s_by_modality"]))
+    seconds = sum(r["step_time_s"] for r in measured)
+    tokens = {m: sum(r["tokens_per_s_by_modality"].get(m, 0.0) * r["step_time_s"] for r in measured) for m in names}
+    all_tokens = sum(tokens.values()) or 1.0
+    encoder = {m: _mean([(r.get("encoder_flops_by_modality") or {}).get(m, 0.0) for r in measured]) for m in names}
+    step_flops = llm_flops_per_step + sum(encoder.values())
+    rows = []
+    for m in names:
+        llm = llm_flops_per_step * tokens[m] / all_tokens
+        total = llm + encoder[m]
+        rows.append({
+            "modality": m, "tokens_per_s": tokens[m] / seconds, "token_share": tokens[m] / all_tokens,
+            "llm_flops_per_step": llm, "encoder_flops_per_step": encoder[m],
+            "encoder_share": encoder[m] / total if total > 0 else 0.0,
+            "flops_share": total / step_flops if step_flops > 0 else 0.0,
+        })
+    return rows
 
 
 def summarize(
@@ -88,7 +117,10 @@ def summarize(
     mean_s = _mean(step_s)
     world = meta["world"]
     tokens_per_step = meta["global_batch_size"] * meta["seq_length"]
-    tflops = meta["flops_per_step"] / mean_s / world / 1e12
+    # omni steps add their encoders' FLOPs on the step's media (as the loop's metrics rows do)
+    encoder_flops = _mean([r.get("encoder_flops", 0.0) for r in measured])
+    step_flops = meta["flops_per_step"] + encoder_flops
+    tflops = step_flops / mean_s / world / 1e12
     mfu = flops.mfu(tflops, meta["device"], meta["precision"])
 
     stages = sorted({info["pp"] for info in rank_info})
@@ -101,8 +133,8 @@ def summarize(
 
     # Bubble: the busiest stage computes the most; what the schedule spends beyond that
     # (and beyond the gradient sync it also contains) is fill/drain bubble + p2p transfer.
-    busiest = max(per_stage, key=lambda s: s["split"]["data_wait"] + s["split"]["forward"] + s["split"]["backward"])
-    compute_busiest = busiest["split"]["data_wait"] + busiest["split"]["forward"] + busiest["split"]["backward"]
+    busiest = max(per_stage, key=lambda s: s["split"]["schedule_compute"])
+    compute_busiest = busiest["split"]["schedule_compute"]
     step_ms = everywhere.get(TRAIN_STEP, mean_s * 1e3)
     fb_ms = everywhere.get(FORWARD_BACKWARD, 0.0)
     p, v, m = meta["pp"], meta.get("vpp") or 1, meta["num_microbatches"]
@@ -155,7 +187,13 @@ def summarize(
             "tokens_per_s_per_gpu": tokens_per_step / mean_s / world,
             "tflops_per_gpu": tflops,
             "mfu": mfu,
+            "llm_tflops_per_gpu": meta["flops_per_step"] / mean_s / world / 1e12,
+            "flops_per_step": step_flops,
+            "llm_flops_per_step": meta["flops_per_step"],
+            "encoder_flops_per_step": encoder_flops,
+            "encoder_flops_share": encoder_flops / step_flops if step_flops > 0 else 0.0,
         },
+        "modalities": _modalities(measured, meta["flops_per_step"]),
         "step_time_ms": {
             "mean": mean_s * 1e3, "p50": statistics.median(step_s) * 1e3, "max": max(step_s) * 1e3,
             "min": min(step_s) * 1e3,
@@ -193,8 +231,10 @@ def render_markdown(s: Dict[str, Any]) -> str:
         f"TP{meta['tp']} x PP{meta['pp']}" + (f" (VPP{meta['vpp']})" if meta.get("vpp") else "")
         + f" x CP{meta['cp']} x DP{meta['dp']}; global batch {meta['global_batch_size']} x seq "
         f"{meta['seq_length']}, micro batch {meta['micro_batch_size']}, {meta['num_microbatches']} microbatches "
-        f"per step; {meta['flops_per_step']:.3e} model FLOPs per step; megatron timer level "
-        f"{meta['timing_log_level']}.",
+        f"per step; {thr['flops_per_step']:.3e} model FLOPs per step"
+        + (f" ({thr['llm_flops_per_step']:.3e} LLM + {thr['encoder_flops_per_step']:.3e} encoders)"
+           if thr["encoder_flops_per_step"] else "")
+        + f"; megatron timer level {meta['timing_log_level']}.",
         "",
         f"Steps run: {len(s['steps'])}; warmup: {s['warmup']}; traced (torch.profiler): "
         + (f"{s['trace_steps'][0]}..{s['trace_steps'][1]}" if s["trace_steps"] else "none")
@@ -205,6 +245,7 @@ def render_markdown(s: Dict[str, Any]) -> str:
         *_table(["tokens/s", "tokens/s/GPU", "TFLOP/s/GPU", "MFU"],
                 [[_f(thr["tokens_per_s"], 0), _f(thr["tokens_per_s_per_gpu"], 0), _f(thr["tflops_per_gpu"], 4), mfu]]),
         "",
+        *_modality_lines(s),
         "## Step time", "",
         *_table(["mean (ms)", "p50 (ms)", "max (ms)", "min (ms)"],
                 [[_f(st["mean"]), _f(st["p50"]), _f(st["max"]), _f(st["min"])]]),
@@ -213,7 +254,8 @@ def render_markdown(s: Dict[str, Any]) -> str:
         "## Time split per pipeline stage", "",
         "ms per step: each timer's max over the stage's ranks, mean over measured steps.  "
         "Data wait is the microbatch fetch (inside megatron's forward-compute; forward compute here "
-        "excludes it); *PP p2p + bubble* is the rest of the forward-backward schedule (pipeline sends/"
+        "excludes it; an omni step draws its microbatches before the schedule, timed as data-fetch "
+        "and counted here too); *PP p2p + bubble* is the rest of the forward-backward schedule (pipeline sends/"
         "receives and the time spent waiting for other stages); grad sync is finalize_model_grads "
         "(DP reduce-scatter/all-reduce, embedding and layernorm grads); other is the step outside the "
         "schedule and optimizer (loss reduction, zeroing grads, timer barriers).",
@@ -230,7 +272,8 @@ def render_markdown(s: Dict[str, Any]) -> str:
     else:
         lines += _table(
             ["", "ms per step", "fraction of busiest-stage compute"],
-            [["busiest stage compute (PP stage %d: data + forward + backward)" % b["busiest_stage"],
+            [["busiest stage compute (PP stage %d: data wait + forward + backward inside the schedule)"
+              % b["busiest_stage"],
               _f(b["busiest_compute_ms"]), "1"],
              ["measured: forward-backward - busiest compute - grad sync", _f(b["measured_ms"]),
               _f(b["measured_fraction"], 3)],
@@ -288,6 +331,32 @@ def render_markdown(s: Dict[str, Any]) -> str:
                         "warmup" if x["warmup"] else ("traced" if x["traced"] else "")] for x in s["steps"]]),
               ""]
     return "\n".join(lines)
+
+
+def _modality_lines(s: Dict[str, Any]) -> List[str]:
+    """The omni run's throughput per modality (nothing for a text-only run)."""
+    rows, thr = s.get("modalities"), s["throughput"]
+    if not rows:
+        return []
+    return [
+        "### Per modality", "",
+        "Tokens each modality's microbatches carried (rows x seq length, packing padding included) per "
+        "second of measured step time; they add up to the total.  FLOPs per step: the LLM's by the "
+        "modality's share of the step's tokens, plus its encoders' (vision NaViT + merger, audio "
+        "encoder + connector, as `training/encoder_flops.py` counts them for training, frozen modules "
+        "included).  "
+        f"TFLOP/s/GPU and MFU above count both: encoders are {100 * thr['encoder_flops_share']:.1f} % of "
+        f"the step's FLOPs (LLM alone: {thr['llm_tflops_per_gpu']:.4f} TFLOP/s/GPU).", "",
+        *_table(["modality", "tokens/s", "share of tokens", "LLM GFLOP/step", "encoder GFLOP/step",
+                 "encoder share of its FLOPs", "share of step FLOPs"],
+                [[r["modality"], _f(r["tokens_per_s"], 0), _f(100 * r["token_share"], 1) + " %",
+                  _f(r["llm_flops_per_step"] / 1e9), _f(r["encoder_flops_per_step"] / 1e9),
+                  _f(100 * r["encoder_share"], 1) + " %", _f(100 * r["flops_share"], 1) + " %"] for r in rows]
+                + [["**total**", _f(sum(r["tokens_per_s"] for r in rows), 0), "100 %",
+                    _f(thr["llm_flops_per_step"] / 1e9), _f(thr["encoder_flops_per_step"] / 1e9),
+                    _f(100 * thr["encoder_flops_share"], 1) + " %", "100 %"]]),
+        "",
+    ]
 
 
 def _trace_table(rows: List[Dict[str, Any]]) -> str:

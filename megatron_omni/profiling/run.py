@@ -70,4 +70,8 @@ def run_profile(
              thr["tokens_per_s"], thr["tflops_per_gpu"],
              "n/a" if thr["mfu"] is None else f"{100 * thr['mfu']:.1f}%",
              summary["step_time_ms"]["mean"], summary["step_time_ms"]["p50"], os.path.abspath(path))
+    if summary["modalities"]:
+        log.info("profile per modality (tokens/s, encoder share of its FLOPs): %s | encoders %.1f%% of the FLOPs",
+                 ", ".join(f"{r['modality']} {r['tokens_per_s']:.0f} ({100 * r['encoder_share']:.1f}%)"
+                           for r in summary["modalities"]), 100 * thr["encoder_flops_share"])
     return summary

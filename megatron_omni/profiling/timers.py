@@ -18,7 +18,9 @@ Timer names (megatron-core 0.16 unless noted) and log levels:
            optimizer-copy-main-to-model-params, params-all-gather
   level 2  forward-compute, backward-compute (per microbatch, summed), the p2p timers
            forward-recv/-send, backward-recv/-send and the combined send-recv ones,
-           data-wait (ours: fetching microbatches, part of forward-compute)
+           data-wait (ours: fetching microbatches, part of forward-compute),
+           data-fetch (ours, omni runs: drawing the step's microbatches from the data source
+           before the schedule, outside forward-backward)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from megatron.core.timers import Timer, Timers
 
 TRAIN_STEP = "train-step"
 DATA_WAIT = "data-wait"
+DATA_FETCH = "data-fetch"
 OPTIMIZER = "optimizer"
 FORWARD_BACKWARD = "forward-backward"
 FORWARD_COMPUTE = "forward-compute"
@@ -54,7 +57,7 @@ OPTIMIZER_TIMERS = (
 )
 # Display order for logs and metrics rows; timers not listed follow alphabetically.
 TIMER_ORDER = (
-    TRAIN_STEP, FORWARD_BACKWARD, FORWARD_COMPUTE, BACKWARD_COMPUTE, DATA_WAIT, *P2P_TIMERS,
+    TRAIN_STEP, DATA_FETCH, FORWARD_BACKWARD, FORWARD_COMPUTE, BACKWARD_COMPUTE, DATA_WAIT, *P2P_TIMERS,
     *GRAD_SYNC_TIMERS, OPTIMIZER, *OPTIMIZER_TIMERS,
 )
 
@@ -120,3 +123,28 @@ class TimedIterator:
             return next(self._iterator)
         finally:
             timer.stop()
+
+
+class TimedSource:
+    """Wraps an omni data source: each `next_microbatch()` runs under the `data-fetch` timer.
+
+    The omni step draws all its microbatches before the schedule starts (the token counts of
+    the loss scales need them), so `data-wait` inside forward-compute only sees a list being
+    iterated; the real fetch is timed here.  Everything else (state, validation microbatches,
+    prefetch control, skipped counts) passes through to the wrapped source.
+    """
+
+    def __init__(self, source, timers: Timers):
+        self._source = source
+        self._timers = timers
+
+    def next_microbatch(self, modality: str):
+        timer = self._timers(DATA_FETCH, log_level=2)
+        timer.start()
+        try:
+            return self._source.next_microbatch(modality)
+        finally:
+            timer.stop()
+
+    def __getattr__(self, name: str):
+        return getattr(self._source, name)

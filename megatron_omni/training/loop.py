@@ -162,6 +162,8 @@ def pretrain(
         ))
         if iterators is not None:
             iterators = profiler.wrap_iterators(iterators)
+        if omni_data is not None:  # the omni step fetches its microbatches before the schedule
+            omni_data.source = profiler.wrap_source(omni_data.source)
     log.info(
         "training %d steps | world %d = tp %d x pp %d x cp %d x dp %d | %d microbatches/step | %.3e FLOPs/step",
         t.steps, world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp,

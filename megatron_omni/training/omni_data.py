@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -49,7 +49,8 @@ class OmniData:
         # Dynamic adaptive balance (Sec. 3.2): validation losses every train.eval_interval steps.
         self.balancer = scheduler.make_adaptive_balancer() if scheduler.cfg.adaptive.enabled else None
         self.dpo = cfg.dpo or DPOConfig()
-        self._step_encoder_flops, self._step_microbatches = 0.0, {}
+        self._step_encoder_flops: Dict[str, float] = {}
+        self._step_microbatches: Dict[str, int] = {}
 
     # ---------------------------------------------------------------- per step
 
@@ -71,7 +72,10 @@ class OmniData:
         if any(b.modality == PREFERENCE for b in batches):
             self._reference_logps(model, [p for p in planned if p.batch.modality == PREFERENCE])
         omni = self.cfg.omni
-        self._step_encoder_flops = sum(encoder_training_flops(omni.vision, omni.audio, b) for b in batches)
+        # per modality, so throughput reports can show each modality's encoder share of the FLOPs
+        self._step_encoder_flops = {m: 0.0 for m in self.modalities}
+        for b in batches:
+            self._step_encoder_flops[b.modality] += encoder_training_flops(omni.vision, omni.audio, b)
         self._step_microbatches = plan.counts()
         return [iter(planned) for _ in range(self.num_chunks)]
 
@@ -125,15 +129,18 @@ class OmniData:
             extra = {"dpo_loss": mean(totals[DPO_LOSS]), "dpo_accuracy": mean(totals[DPO_ACCURACY])}
         return {"losses": losses, "understanding_loss": mean(totals[UNDERSTANDING_LOSS]), **extra,
                 "audio_gen_loss": mean(totals[AUDIO_GEN_LOSS]),
-                "skipped_samples": int(skipped), "encoder_flops": encoder_flops}
+                "skipped_samples": int(skipped), "encoder_flops": sum(encoder_flops.values()),
+                "encoder_flops_by_modality": encoder_flops}
 
-    def _dp_sums(self) -> List[float]:
-        """(skipped samples, encoder FLOPs of the step) summed over the data-parallel group: every
-        rank of a DP replica reads the same data, so each replica counts once."""
-        n = torch.tensor([float(getattr(self.source, "skipped_samples", 0)), self._step_encoder_flops],
+    def _dp_sums(self) -> Tuple[float, Dict[str, float]]:
+        """(skipped samples, {modality: encoder FLOPs of the step}) summed over the data-parallel
+        group: every rank of a DP replica reads the same data, so each replica counts once."""
+        flops = [self._step_encoder_flops.get(m, 0.0) for m in self.modalities]
+        n = torch.tensor([float(getattr(self.source, "skipped_samples", 0)), *flops],
                          dtype=torch.float64, device=torch.cuda.current_device())
         dist.all_reduce(n, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        return n.tolist()
+        skipped, *summed = n.tolist()
+        return skipped, dict(zip(self.modalities, summed))
 
     def tokens_per_modality(self) -> Dict[str, int]:
         """Tokens (rows x seq_length) each modality carried in the last step, over all DP ranks."""

@@ -1,7 +1,8 @@
 """Throughput profiling: tools/profile_throughput.py on a real TP2 x PP2 gloo world, the
 report/trace/chart files it writes, and that profiling neither changes the numbers nor
-adds keys to a default run's metrics rows.  Plus the pure parts (summary arithmetic,
-trace attribution incl. the GPU/NCCL path) on synthetic data."""
+adds keys to a default run's metrics rows; the same on the tiny omni run (mock data): tokens/s
+per modality, encoder FLOPs in TFLOP/s, the data fetch in the time split.  Plus the pure parts
+(summary arithmetic, trace attribution incl. the GPU/NCCL path) on synthetic data."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import json
 import pytest
 from PIL import Image
 
-from megatron_omni.profiling.report import SPLIT, summarize
+from megatron_omni.profiling.report import SPLIT, render_markdown, summarize
 from megatron_omni.profiling.run import parse_trace_steps
 from megatron_omni.profiling.trace import analyze_events
 from tests.helpers.launch import TINY, metrics, torchrun, train
 
 STEPS = 4
+OMNI_STEPS = 3
+MEDIA = ("image", "video", "audio")  # mock modalities with encoder input
+NO_ENCODER = ("text", "audio_gen")  # audio_gen: speech codes are LLM outputs, no encoder pass
 SECTIONS = ("## Throughput", "## Step time", "## Time split per pipeline stage", "## Pipeline bubble",
             "## Optimizer", "## Communication", "### From megatron timers", "### From the torch.profiler trace",
             "## Charts")
@@ -27,6 +31,16 @@ def profiled(tmp_path_factory, data_cache):
     proc = torchrun(4, ["tools/profile_throughput.py", "--config", "configs/tiny/llm.yaml", "--steps", str(STEPS),
                         "--warmup", "1", "--trace-steps", "2:3", "--out", str(out), *TINY,
                         f"data.cache_dir={data_cache}", "parallel.tp=2", "parallel.pp=2"])
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def profiled_omni(tmp_path_factory):
+    """The tiny omni run at TP2 x PP2 on mock microbatches of every modality (8 per step)."""
+    out = tmp_path_factory.mktemp("profile_omni")
+    proc = torchrun(4, ["tools/profile_throughput.py", "--config", "configs/tiny/omni_mock.yaml",
+                        "--steps", str(OMNI_STEPS), "--warmup", "1", "--trace-steps", "2:2", "--out", str(out),
+                        "parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=1", "train.global_batch_size=8"])
     return out, proc
 
 
@@ -110,6 +124,56 @@ def test_metrics_rows_carry_timers_and_default_rows_do_not(profiled, tmp_path, d
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)  # profiling changes nothing
 
 
+def test_omni_per_modality_throughput(profiled_omni):
+    out, proc = profiled_omni
+    for name in ("report.md", "profile.json", "time_split.png", "step_time.png", "metrics.jsonl",
+                 *(f"trace_rank{r}.json" for r in range(4))):
+        assert (out / name).stat().st_size > 0, name
+    s = json.loads((out / "profile.json").read_text())
+    thr, mods = s["throughput"], {r["modality"]: r for r in s["modalities"]}
+    assert set(mods) == set(MEDIA + NO_ENCODER)
+    assert all(r["tokens_per_s"] > 0 for r in mods.values())
+    assert sum(r["tokens_per_s"] for r in mods.values()) == pytest.approx(thr["tokens_per_s"], rel=1e-6)
+    assert sum(r["token_share"] for r in mods.values()) == pytest.approx(1.0)
+    for m in MEDIA:
+        assert mods[m]["encoder_flops_per_step"] > 0 and 0 < mods[m]["encoder_share"] < 1, mods[m]
+    for m in NO_ENCODER:
+        assert mods[m]["encoder_flops_per_step"] == 0 and mods[m]["encoder_share"] == 0, mods[m]
+    assert sum(r["flops_share"] for r in mods.values()) == pytest.approx(1.0)
+    # TFLOP/s/GPU counts the encoders: LLM + encoder FLOPs of the measured step, as its metrics row does.
+    assert thr["flops_per_step"] == pytest.approx(thr["llm_flops_per_step"] + thr["encoder_flops_per_step"])
+    assert thr["encoder_flops_per_step"] == pytest.approx(sum(r["encoder_flops_per_step"] for r in mods.values()))
+    assert 0 < thr["encoder_flops_share"] < 1 and thr["tflops_per_gpu"] > thr["llm_tflops_per_gpu"] > 0
+    rows = {r["step"]: r for r in metrics(out)}
+    assert s["measured_steps"] == [3]
+    row = rows[3]
+    assert thr["tflops_per_gpu"] == pytest.approx(row["tflops_per_gpu"], rel=1e-6)
+    assert thr["encoder_flops_per_step"] == pytest.approx(row["encoder_flops"])
+    assert row["encoder_flops_by_modality"] == pytest.approx({m: mods[m]["encoder_flops_per_step"] for m in mods})
+    assert thr["mfu"] is None  # CPU: no peak
+    report = (out / "report.md").read_text()
+    assert "### Per modality" in report and "encoders are" in report and "LLM +" in report
+    for m in mods:
+        assert f"| {m} |" in report, m
+    assert "profile per modality" in proc.stdout
+
+
+def test_omni_time_split(profiled_omni):
+    out, _ = profiled_omni
+    s = json.loads((out / "profile.json").read_text())
+    assert [x["pp"] for x in s["stages"]] == [0, 1]
+    for stage in s["stages"]:
+        split, timers = stage["split"], stage["timers"]
+        # The omni step draws its microbatches before the schedule: timed as data-fetch on every rank.
+        assert timers["data-fetch"] > 0 and split["data_wait"] >= timers["data-fetch"]
+        for key in ("forward", "backward", "pipeline", "optimizer", "step"):
+            assert split[key] > 0, (stage["pp"], key, split)
+        assert sum(split[k] for k, _ in SPLIT) == pytest.approx(split["step"], rel=0.05)
+    assert s["bubble"]["analytic_fraction"] == pytest.approx(1 / 8)  # (p-1)/(v*m), 8 microbatches
+    comm = {r["rank"]: r["comm_ms"] for r in s["comm_trace"]}
+    assert sorted(comm) == [0, 1, 2, 3] and all(c["tp"] > 0 and c["pp"] > 0 for c in comm.values())
+
+
 # ---------------------------------------------------------------- pure parts
 
 
@@ -142,6 +206,44 @@ def test_summary_arithmetic():
     assert b["busiest_stage"] == 1 and b["busiest_compute_ms"] == pytest.approx(70.0)
     assert b["measured_ms"] == pytest.approx(80 - 70 - 4)
     assert b["analytic_fraction"] == pytest.approx(1 / 4) and b["analytic_ms"] == pytest.approx(70 / 4)
+
+
+def test_summary_omni_modalities_and_data_fetch():
+    timers = {"train-step": 100.0, "data-fetch": 10.0, "forward-backward": 70.0, "forward-compute": 30.0,
+              "data-wait": 1.0, "backward-compute": 30.0, "optimizer": 12.0}
+    meta = dict(world=1, tp=1, pp=1, vpp=None, cp=1, dp=1, num_microbatches=4, micro_batch_size=1,
+                global_batch_size=4, seq_length=10, flops_per_step=8e9, device="cpu", precision="fp32",
+                timing_log_level=2)
+    records = []
+    for step, (t, by_mod, enc) in enumerate([
+        (0.1, {"text": 30, "image": 10}, {"text": 0.0, "image": 1e9}),  # 4 x 10 tokens: 3 text, 1 image
+        (0.3, {"text": 20, "image": 20}, {"text": 0.0, "image": 3e9}),
+    ], start=1):
+        records.append({**_record(step, [dict(timers, **{"train-step": 1e3 * t})]), "step_time_s": t,
+                        "tokens_per_s_by_modality": {m: n / t for m, n in by_mod.items()},
+                        "encoder_flops": sum(enc.values()), "encoder_flops_by_modality": enc})
+    info = [{"rank": 0, "pp": 0, "tp": 0, "dp": 0}]
+    s = summarize(meta, records, info, [], warmup=0, trace_steps=None)
+    thr, mods = s["throughput"], {r["modality"]: r for r in s["modalities"]}
+    assert thr["tokens_per_s"] == pytest.approx(80 / 0.4)
+    assert mods["text"]["tokens_per_s"] == pytest.approx(50 / 0.4)
+    assert mods["image"]["tokens_per_s"] == pytest.approx(30 / 0.4)
+    assert thr["encoder_flops_per_step"] == pytest.approx(2e9) and thr["flops_per_step"] == pytest.approx(10e9)
+    assert thr["tflops_per_gpu"] == pytest.approx(10e9 / 0.2 / 1e12)  # mean FLOPs / mean step time
+    assert thr["encoder_flops_share"] == pytest.approx(0.2)
+    # image: 3/8 of the tokens -> 3e9 LLM FLOPs + 2e9 encoder FLOPs per step (mean)
+    assert mods["image"]["llm_flops_per_step"] == pytest.approx(3e9)
+    assert mods["image"]["encoder_share"] == pytest.approx(2 / 5) and mods["image"]["flops_share"] == pytest.approx(0.5)
+    assert mods["text"]["encoder_share"] == 0 and mods["text"]["flops_share"] == pytest.approx(0.5)
+    sp = s["stages"][0]["split"]
+    assert sp["data_wait"] == pytest.approx(11.0) and sp["forward"] == pytest.approx(29.0)
+    assert sp["pipeline"] == pytest.approx(70 - 1 - 29 - 30)
+    assert sp["other"] == pytest.approx(200 - 70 - 12 - 10)  # mean step 200 ms; the fetch is outside the schedule
+    assert "### Per modality" in render_markdown(s)
+    # A text-only run has no per-modality table.
+    plain = summarize(meta, [_record(1, [timers])], info, [], warmup=0, trace_steps=None)
+    assert plain["modalities"] is None and plain["throughput"]["encoder_flops_per_step"] == 0
+    assert "### Per modality" not in render_markdown(plain)
 
 
 def _x(name, ts, dur, cat="user_annotation", **args):
