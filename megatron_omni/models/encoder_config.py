@@ -29,6 +29,7 @@ def bidirectional_encoder_config(
     init_method_std: float,
     params_dtype: torch.dtype = torch.float32,
     tp: Optional[int] = None,
+    recompute: bool = False,
     **overrides: Any,
 ) -> TransformerConfig:
     if tp is None:
@@ -59,5 +60,10 @@ def bidirectional_encoder_config(
         fp16=params_dtype == torch.float16,
         persist_layer_norm=False,
     )
+    if recompute:
+        # Full recompute keeps only each block's input (2 bytes x width per token) for the
+        # backward: a trainable encoder's activations otherwise dominate the first pipeline
+        # stage's memory (tools/plan.py prices both).
+        fields.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     fields.update(overrides)
     return TransformerConfig(**fields)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from megatron_omni.config.loader import ConfigError
 from megatron_omni.config.schema import (
@@ -21,6 +21,9 @@ from megatron_omni.config.schema import (
     TrainConfig,
 )
 from megatron_omni.config.validate import validate
+
+if TYPE_CHECKING:
+    from megatron_omni.planner.omni import OmniWorkload
 
 RECOMPUTE = ("none", "selective", "full")
 PRECISIONS = ("bf16", "fp8")
@@ -34,6 +37,7 @@ class Job:
     seq_len: int
     global_batch: int
     precision: str = "bf16"  # bf16 | fp8 (TE FP8 GEMMs, bf16 params/activations elsewhere)
+    omni: Optional["OmniWorkload"] = None  # encoders, trainable modules, modality mix; None = text LLM
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -55,10 +59,23 @@ class Layout:
     ep: int = 1  # expert parallel; 1 until the model schema has MoE layers
     micro_batch: int = 1
     recompute: str = "none"  # none | selective (core attention) | full (uniform, every layer)
+    # Decoder layers of pipeline rank 0 (parallel.first_stage_num_layers); None = L / pp.  Omni
+    # models give the encoders' stage fewer layers.
+    first_stage_layers: Optional[int] = None
+    # Omni: recompute the encoders' layers (vision.recompute, audio.recompute); None = as configured.
+    encoder_recompute: Optional[bool] = None
 
     @property
     def v(self) -> int:
         return self.vpp or 1
+
+    def stage_layers(self, num_layers: int, rank: int) -> int:
+        """Decoder layers held by pipeline rank `rank` (all of its virtual chunks)."""
+        if self.first_stage_layers is None or self.pp == 1:
+            return num_layers // self.pp
+        if rank == 0:
+            return self.first_stage_layers
+        return (num_layers - self.first_stage_layers) // (self.pp - 1)
 
     @property
     def model_parallel(self) -> int:
@@ -74,6 +91,10 @@ class Layout:
         parts = [f"tp={self.tp}", f"pp={self.pp}"]
         if self.vpp:
             parts.append(f"vpp={self.vpp}")
+        if self.first_stage_layers is not None:
+            parts.append(f"first={self.first_stage_layers}")
+        if self.encoder_recompute is not None:
+            parts.append(f"encoder_recompute={int(self.encoder_recompute)}")
         parts += [f"cp={self.cp}", f"ep={self.ep}", f"mbs={self.micro_batch}", f"recompute={self.recompute}"]
         return ",".join(parts)
 
@@ -81,11 +102,12 @@ class Layout:
 _KEYS = {
     "tp": "tp", "pp": "pp", "vpp": "vpp", "cp": "cp", "ep": "ep", "dp": "dp",
     "mbs": "micro_batch", "micro_batch": "micro_batch", "recompute": "recompute",
+    "first": "first_stage_layers", "encoder_recompute": "encoder_recompute",
 }
 
 
 def parse_layout(text: str, num_gpus: int) -> Layout:
-    """'tp=4,pp=8,vpp=5[,cp=1,ep=1,mbs=1,recompute=none,dp=2]' -> Layout.
+    """'tp=4,pp=8,vpp=5[,cp=1,ep=1,mbs=1,recompute=none,dp=2,first=17,encoder_recompute=1]' -> Layout.
 
     Unnamed fields take the defaults above; `dp`, when given, must equal
     gpus / (tp*pp*cp).  Raises ConfigError with a one-line message.
@@ -104,6 +126,11 @@ def parse_layout(text: str, num_gpus: int) -> Layout:
             if raw not in RECOMPUTE:
                 raise ConfigError(f"--layout: recompute={raw!r} is not one of {list(RECOMPUTE)}")
             values[field] = raw
+            continue
+        if field == "encoder_recompute":
+            if raw.lower() not in ("0", "1", "true", "false"):
+                raise ConfigError(f"--layout: encoder_recompute={raw!r} must be 0 or 1")
+            values[field] = raw.lower() in ("1", "true")
             continue
         if field == "vpp" and raw.lower() in ("none", "null", "1"):
             values[field] = None
@@ -126,6 +153,29 @@ def parse_layout(text: str, num_gpus: int) -> Layout:
     return layout
 
 
+def launch_overrides(job: Job, layout: Layout) -> List[str]:
+    """The `section.key=value` overrides that launch this layout as it was priced (train.py, the
+    stage configs): sequence parallel with TP, distributed optimizer with overlapped gradient
+    reduce-scatter and parameter all-gather, TE FP8 when the job is FP8."""
+    out = [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}", f"parallel.vpp={layout.vpp or 'null'}",
+           f"parallel.cp={layout.cp}", f"parallel.ep={layout.ep}",
+           f"parallel.sequence_parallel={str(layout.tp > 1).lower()}",
+           f"parallel.first_stage_num_layers={layout.first_stage_layers or 'null'}",
+           "parallel.use_distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
+           "parallel.overlap_param_gather=true", f"train.micro_batch_size={layout.micro_batch}",
+           f"model.fp8={'hybrid' if job.fp8 else 'null'}"]
+    if layout.recompute == "none":
+        out.append("model.recompute_granularity=null")
+    else:
+        out.append(f"model.recompute_granularity={layout.recompute}")
+        if layout.recompute == "full":
+            out += ["model.recompute_method=uniform", "model.recompute_num_layers=1"]
+    if layout.encoder_recompute is not None:
+        flag = str(layout.encoder_recompute).lower()
+        out += [f"omni.vision.recompute={flag}", f"omni.audio.recompute={flag}"]
+    return out
+
+
 def run_config(job: Job, layout: Layout) -> RunConfig:
     """The RunConfig this layout would launch with (sequence parallel whenever tp > 1)."""
     granularity = None if layout.recompute == "none" else layout.recompute
@@ -139,6 +189,7 @@ def run_config(job: Job, layout: Layout) -> RunConfig:
     )
     parallel = ParallelConfig(
         tp=layout.tp, pp=layout.pp, vpp=layout.vpp, cp=layout.cp, ep=layout.ep,
+        first_stage_num_layers=layout.first_stage_layers,
         sequence_parallel=layout.tp > 1, use_distributed_optimizer=True,
         overlap_grad_reduce=True, overlap_param_gather=True,
     )
@@ -172,5 +223,14 @@ def check_layout(job: Job, layout: Layout, num_gpus: int) -> None:
         raise ConfigError(f"seq_len={job.seq_len} must be divisible by 2*cp={2 * layout.cp}")
     if (layout.dp(num_gpus) * layout.cp) % layout.ep:
         raise ConfigError(f"ep={layout.ep} must divide dp*cp={layout.dp(num_gpus) * layout.cp}")
+    if job.omni is None and (layout.first_stage_layers is not None or layout.encoder_recompute is not None):
+        raise ConfigError("first= and encoder_recompute= are for omni models (encoders on the first stage)")
+    if job.omni is not None and layout.cp > 1:
+        raise ConfigError("context parallelism is not supported for omni models (the trainer rejects it)")
     cfg = run_config(job, dataclasses.replace(layout, cp=1, ep=1))
     validate(cfg, num_gpus // layout.cp)
+    if job.omni is not None:
+        try:  # the modality scheduler must be able to plan this many microbatches per update
+            job.omni.modality_shares(layout.num_microbatches(num_gpus, job.global_batch))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None

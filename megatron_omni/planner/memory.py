@@ -43,6 +43,7 @@ from typing import Dict
 from megatron_omni.config.schema import ModelConfig
 from megatron_omni.planner.cluster import GIB
 from megatron_omni.planner.layout import Job, Layout
+from megatron_omni.planner.omni import ENCODER_MODULES, encoder_params
 from megatron_omni.training import flops as F
 
 
@@ -102,7 +103,7 @@ def stage_params_per_gpu(model: ModelConfig, layout: Layout, rank: int) -> Dict[
     """Parameters held by one GPU of pipeline rank `rank`: {'linear': TP-sharded GEMM
     weights, 'other': norms + embedding/output shards}."""
     pc = param_counts(model, layout.tp)
-    layers = model.num_layers // layout.pp
+    layers = layout.stage_layers(model.num_layers, rank)
     first, last = rank == 0, rank == layout.pp - 1
     linear = layers * pc.layer_sharded // layout.tp + layers * pc.layer_experts // (layout.tp * layout.ep)
     other = layers * pc.layer_replicated
@@ -115,6 +116,26 @@ def stage_params_per_gpu(model: ModelConfig, layout: Layout, rank: int) -> Dict[
         if pc.output or (layout.pp > 1 and model.tie_word_embeddings):
             other += pc.embedding // layout.tp
     return {"linear": linear, "other": other}
+
+
+def trainable_params_per_gpu(job: Job, layout: Layout, rank: int) -> Dict[str, int]:
+    """{'trainable', 'frozen'} parameters one GPU of rank `rank` holds: the LLM's (or its LoRA
+    adapters' when the LLM is frozen), and on rank 0 the encoders and connectors."""
+    llm = sum(stage_params_per_gpu(job.model, layout, rank).values())
+    w = job.omni
+    if w is None:
+        return {"trainable": llm, "frozen": 0}
+    out = {"trainable": 0, "frozen": 0}
+    if w.trainable("llm"):
+        out["trainable"] += llm
+    else:
+        out["frozen"] += llm
+        # Adapters are TP-sharded like their base layers: about `fraction` of this GPU's share.
+        out["trainable"] += int((w.lora_fraction or 0.0) * llm)
+    if rank == 0:
+        for module, counts in encoder_params(w.omni).items():
+            out["trainable" if w.trainable(module) else "frozen"] += counts.per_gpu(layout.tp)
+    return out
 
 
 def model_state_bytes_per_param(dp_shards: int, a: MemoryAssumptions) -> Dict[str, float]:
@@ -144,16 +165,42 @@ def layer_activation_bytes_per_token(model: ModelConfig, job: Job, layout: Layou
     return attention + mlp + dropout_masks + core
 
 
+def in_flight_microbatches(layout: Layout, num_microbatches: int, rank: int) -> float:
+    """Microbatches whose first-chunk activations rank `rank` holds at the peak of its schedule."""
+    pp, v, m = layout.pp, layout.v, num_microbatches
+    if pp == 1:
+        return 1.0
+    if layout.vpp is None:
+        return float(min(m, pp - rank))
+    # Interleaved: chunk 0 of microbatches 0..pp-1 runs first, chunk 0 of the next pp comes
+    # around after the other chunks, before the first backward reaches chunk 0.
+    return float(min(m, 2 * (pp - rank) - 1))
+
+
 def in_flight_layers(model: ModelConfig, layout: Layout, num_microbatches: int, rank: int) -> float:
     """Layers' worth of one microbatch's activations rank `rank` holds at the peak of its schedule."""
     pp, v, m = layout.pp, layout.v, num_microbatches
+    layers = layout.stage_layers(model.num_layers, rank)
     if pp == 1:
         return float(model.num_layers)  # forward then backward of each microbatch
     if layout.vpp is None:
-        return min(m, pp - rank) * (model.num_layers / pp)
+        return min(m, pp - rank) * layers
     total_chunks = m * v
     warmup = total_chunks if m == pp else (pp - rank - 1) * 2 + (v - 1) * pp
-    return min(total_chunks, warmup + 1) * (model.num_layers / (pp * v))
+    return min(total_chunks, warmup + 1) * (layers / v)
+
+
+def encoder_activation_bytes(job: Job, layout: Layout, num_microbatches: int) -> float:
+    """Encoder + connector activations rank 0 keeps: its in-flight microbatches, each taken as
+    the heaviest modality of the stage (consecutive microbatches of a step share a modality in
+    the accumulation plan)."""
+    w = job.omni
+    if w is None:
+        return 0.0
+    kept = [m for m in ENCODER_MODULES if w.keeps_activations(m)]
+    per_row = max((sum(w.row_media(mod, job.seq_len, layout.micro_batch).activation_bytes(m, layout.tp)
+                       for m in kept) for mod in w.modalities), default=0.0)
+    return in_flight_microbatches(layout, num_microbatches, 0) * per_row
 
 
 @dataclass(frozen=True)
@@ -164,34 +211,39 @@ class MemoryBreakdown:
     grads_gib: float
     optimizer_gib: float
     fp8_gib: float
-    activations_gib: float
+    activations_gib: float  # decoder layers and output layer
     overhead_gib: float
+    encoder_activations_gib: float = 0.0  # omni, rank 0: encoders and connectors
 
     @property
     def total_gib(self) -> float:
         return (self.weights_gib + self.grads_gib + self.optimizer_gib + self.fp8_gib
-                + self.activations_gib + self.overhead_gib)
+                + self.activations_gib + self.encoder_activations_gib + self.overhead_gib)
 
     def as_dict(self) -> Dict[str, float]:
         return {
             "rank": self.rank, "params": self.params,
             "weights_gib": round(self.weights_gib, 3), "grads_gib": round(self.grads_gib, 3),
             "optimizer_gib": round(self.optimizer_gib, 3), "fp8_gib": round(self.fp8_gib, 3),
-            "activations_gib": round(self.activations_gib, 3), "overhead_gib": round(self.overhead_gib, 3),
+            "activations_gib": round(self.activations_gib, 3),
+            "encoder_activations_gib": round(self.encoder_activations_gib, 3),
+            "overhead_gib": round(self.overhead_gib, 3),
             "total_gib": round(self.total_gib, 3),
         }
 
 
 def _rank_memory(job: Job, layout: Layout, num_gpus: int, rank: int, a: MemoryAssumptions) -> MemoryBreakdown:
     model = job.model
-    params = stage_params_per_gpu(model, layout, rank)
-    n = params["linear"] + params["other"]
+    linear = stage_params_per_gpu(model, layout, rank)["linear"]
+    params = trainable_params_per_gpu(job, layout, rank)
     per_param = model_state_bytes_per_param(layout.dp(num_gpus) * layout.cp, a)
-    fp8 = params["linear"] * a.fp8_weight_cache_bytes if job.fp8 else 0.0
+    fp8 = linear * a.fp8_weight_cache_bytes if job.fp8 else 0.0
+    n, trainable = params["trainable"] + params["frozen"], params["trainable"]  # frozen: bf16 weights only
 
     tokens = layout.micro_batch * job.seq_len / layout.cp  # local tokens of one microbatch
     sp = layout.tp  # sequence parallel (on whenever tp > 1) divides every stored tensor by t
-    layers = in_flight_layers(model, layout, layout.num_microbatches(num_gpus, job.global_batch), rank)
+    num_microbatches = layout.num_microbatches(num_gpus, job.global_batch)
+    layers = in_flight_layers(model, layout, num_microbatches, rank)
     full_layer = layer_activation_bytes_per_token(model, job, layout, a) * tokens / sp
     if layout.recompute == "full":
         act = layers * (2 * model.hidden_size) * tokens / sp + full_layer  # checkpoints + one live layer
@@ -201,15 +253,19 @@ def _rank_memory(job: Job, layout: Layout, num_gpus: int, rank: int, a: MemoryAs
         vocab = model.padded_vocab_size(layout.tp)
         # final-norm input + output-layer input (2 bytes each), bf16 logits + fp32 softmax (6 bytes)
         act += tokens * (4 * model.hidden_size + 6 * vocab) / layout.tp
+    if job.omni is not None and not job.omni.keeps_activations("llm"):
+        act = 0.0  # nothing trains: forward only
+    encoders = encoder_activation_bytes(job, layout, num_microbatches) if rank == 0 else 0.0
     return MemoryBreakdown(
         rank="first" if rank == 0 else "last",
         params=n,
         weights_gib=n * per_param["weights"] / GIB,
-        grads_gib=n * per_param["grads"] / GIB,
-        optimizer_gib=n * per_param["optimizer"] / GIB,
+        grads_gib=trainable * per_param["grads"] / GIB,
+        optimizer_gib=trainable * per_param["optimizer"] / GIB,
         fp8_gib=fp8 / GIB,
         activations_gib=act / GIB,
         overhead_gib=a.overhead_gib,
+        encoder_activations_gib=encoders / GIB,
     )
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from megatron_omni.config.loader import ConfigError
 from megatron_omni.config.schema import ModelConfig
 from megatron_omni.planner.cluster import Cluster
-from megatron_omni.planner.layout import RECOMPUTE, Job, Layout, check_layout
+from megatron_omni.planner.layout import RECOMPUTE, Job, Layout, check_layout, launch_overrides
 from megatron_omni.planner.memory import MemoryAssumptions, MemoryBreakdown, estimate_memory
 from megatron_omni.planner.timing import Efficiency, Overlap, TimeBreakdown, estimate_step
 from megatron_omni.training import flops as F
@@ -40,12 +41,14 @@ class Estimate:
     mfu: Optional[float]
     fits: bool
     flops_per_token: float
+    job: Job
 
     def as_dict(self) -> Dict:
         lay = self.layout
         return {
             "tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "cp": lay.cp, "dp": self.dp, "ep": lay.ep,
             "micro_batch": lay.micro_batch, "recompute": lay.recompute,
+            "first_stage_layers": lay.first_stage_layers, "encoder_recompute": lay.encoder_recompute,
             "num_microbatches": self.time.num_microbatches,
             "memory_gib_per_gpu": round(self.memory.total_gib, 2),
             "tokens_per_s_per_gpu": round(self.tokens_per_s_per_gpu, 1),
@@ -55,6 +58,7 @@ class Estimate:
             "fits": self.fits,
             "flops_per_token": self.flops_per_token,
             "memory": self.memory.as_dict(),
+            "overrides": launch_overrides(self.job, lay),
             "time": self.time.as_dict(),
         }
 
@@ -62,9 +66,17 @@ class Estimate:
 def evaluate(job: Job, layout: Layout, cluster: Cluster, assumptions: Assumptions = Assumptions()) -> Estimate:
     """Price one layout (which must already pass `check_layout`)."""
     n = cluster.num_gpus
+    if job.omni is not None:
+        job = dataclasses.replace(job, omni=job.omni.with_encoder_recompute(layout.encoder_recompute))
     mem = estimate_memory(job, layout, n, assumptions.memory)
     t = estimate_step(job, layout, cluster, assumptions.efficiency, assumptions.overlap, assumptions.memory)
-    step_flops = F.llm_flops_per_step(job.model, job.global_batch, job.seq_len, tp=layout.tp)
+    weight_grads = job.omni is None or job.omni.trainable("llm")
+    step_flops = F.llm_flops_per_step(job.model, job.global_batch, job.seq_len, tp=layout.tp,
+                                      weight_grads=weight_grads)
+    if job.omni is not None:
+        microbatches = job.global_batch // layout.micro_batch
+        step_flops += microbatches * job.omni.model_flops_per_microbatch(
+            job.seq_len, layout.micro_batch, layout.num_microbatches(n, job.global_batch))
     tflops = step_flops / t.step_s / n / 1e12
     return Estimate(
         layout=layout,
@@ -76,6 +88,7 @@ def evaluate(job: Job, layout: Layout, cluster: Cluster, assumptions: Assumption
         mfu=F.mfu(tflops, cluster.gpu.name, job.precision),
         fits=mem.total_gib <= cluster.gpu.memory_gib * assumptions.headroom,
         flops_per_token=step_flops / (job.global_batch * job.seq_len),
+        job=job,
     )
 
 
@@ -116,16 +129,40 @@ def rank_key(e: Estimate) -> Tuple[float, float]:
     return (-e.tokens_per_s_per_gpu, e.memory.total_gib)
 
 
+def omni_choices(job: Job, layout: Layout) -> List[Layout]:
+    """An omni base layout's variants: first-stage splits x encoder recompute (when an encoder trains)."""
+    recompute = [None, not job.omni.encoder_recompute] if job.omni is not None and job.omni.trains_an_encoder \
+        else [None]
+    return [dataclasses.replace(layout, first_stage_layers=f, encoder_recompute=r)
+            for f in first_stage_choices(job, layout) for r in recompute]
+
+
+def first_stage_choices(job: Job, layout: Layout) -> List[Optional[int]]:
+    """Decoder layers to try on the encoders' stage: the even split and every smaller legal one
+    (the rest divides evenly over the other stages).  Only omni models on plain 1F1B pipelines
+    (megatron-omni's config rejects an uneven first stage with virtual stages)."""
+    if job.omni is None or layout.pp == 1 or layout.vpp is not None:
+        return [layout.first_stage_layers]
+    layers, pp = job.model.num_layers, layout.pp
+    return [None] + [f for f in range(1, layers // pp) if (layers - f) % (pp - 1) == 0]
+
+
 def search(job: Job, cluster: Cluster, assumptions: Assumptions = Assumptions()) -> SearchResult:
     out = SearchResult()
-    for layout in candidates(job, cluster):
+    for base in candidates(job, cluster):
         try:
-            check_layout(job, layout, cluster.num_gpus)
+            check_layout(job, base, cluster.num_gpus)
         except ConfigError:
             out.rejected += 1
             continue
-        est = evaluate(job, layout, cluster, assumptions)
-        (out.feasible if est.fits else out.infeasible).append(est)
+        # An omni layout keeps its best first-stage split and encoder recompute (fitting first,
+        # then fastest).
+        options = [evaluate(job, layout, cluster, assumptions) for layout in omni_choices(job, base)]
+        fitting = [e for e in options if e.fits]
+        if fitting:
+            out.feasible.append(min(fitting, key=rank_key))
+        else:
+            out.infeasible.append(min(options, key=lambda e: e.memory.total_gib))
     out.feasible.sort(key=rank_key)
     out.infeasible.sort(key=lambda e: e.memory.total_gib)
     return out

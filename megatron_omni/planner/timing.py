@@ -37,7 +37,8 @@ from typing import Dict, Tuple
 
 from megatron_omni.planner.cluster import Cluster
 from megatron_omni.planner.layout import Job, Layout
-from megatron_omni.planner.memory import MemoryAssumptions, model_state_bytes_per_param, stage_params_per_gpu
+from megatron_omni.planner.memory import MemoryAssumptions, model_state_bytes_per_param, trainable_params_per_gpu
+from megatron_omni.planner.omni import encoder_params
 from megatron_omni.training import flops as F
 
 
@@ -120,28 +121,49 @@ def _layer_gemm_forward_flops(job: Job, tokens: int) -> float:
     ) + F.decoder_mlp_forward_flops(m, tokens)
 
 
-def rank_flops_per_microbatch(job: Job, layout: Layout, last: bool) -> Tuple[float, float]:
-    """FLOPs one GPU of a pipeline rank executes per microbatch (training, incl. recompute),
-    split into (decoder GEMMs, everything else).  With FP8 only the decoder GEMMs run on
-    the FP8 tensor cores; core attention and the output layer stay in bf16 (megatron's
-    output layer is not a TE module; FP8 attention is off by default)."""
+def rank_flops_per_microbatch(job: Job, layout: Layout, rank: int) -> Tuple[float, float]:
+    """FLOPs one GPU of pipeline rank `rank` executes per microbatch in its decoder layers (and
+    output layer on the last rank), incl. recompute, split into (decoder GEMMs, everything
+    else).  With FP8 only the decoder GEMMs run on the FP8 tensor cores; core attention and the
+    output layer stay in bf16 (megatron's output layer is not a TE module; FP8 attention is off
+    by default).  A frozen omni LLM runs 2 passes (no weight gradients), see `planner/omni.py`."""
     m, s, b = job.model, job.seq_len, layout.micro_batch
     tokens, sum_sq = b * s, b * s * s
-    layers = m.num_layers // layout.pp
+    layers = layout.stage_layers(m.num_layers, rank)
+    passes = F.FWD_BWD_FACTOR if job.omni is None else job.omni.passes("llm")
     gemm_fwd = _layer_gemm_forward_flops(job, tokens)
     core_fwd = _attention_core_forward_flops(job, sum_sq)
-    gemm = layers * F.FWD_BWD_FACTOR * gemm_fwd
-    other = layers * F.FWD_BWD_FACTOR * core_fwd
+    # Core attention has no weights: any backward through it is its full 2 x forward.
+    gemm = layers * passes * gemm_fwd
+    other = layers * (1 if passes == 1 else F.FWD_BWD_FACTOR) * core_fwd
     if layout.recompute == "full":
         gemm += layers * gemm_fwd
         other += layers * core_fwd
     elif layout.recompute == "selective":  # core attention forward only (QK^T, softmax.V)
         other += layers * core_fwd
-    if last:
-        other += F.FWD_BWD_FACTOR * F.logits_forward_flops(
+    if rank == layout.pp - 1:
+        other += passes * F.logits_forward_flops(
             tokens, hidden_size=m.hidden_size, padded_vocab=m.padded_vocab_size(layout.tp))
     shard = layout.tp * layout.cp
     return gemm / shard, other / shard
+
+
+def encoder_seconds_per_microbatch(job: Job, layout: Layout, rate: float, num_microbatches: int) -> float:
+    """Rank 0's encoder + connector time per microbatch, averaged over the modality mix of the
+    step (the scheduler's shares), at the bf16 `rate`.  TP-split modules divide over TP; the
+    SAN-M encoder is replicated, so every TP rank runs all of it."""
+    w = job.omni
+    if w is None:
+        return 0.0
+    counts = encoder_params(w.omni)
+    seconds = 0.0
+    for modality, share in w.modality_shares(num_microbatches).items():
+        row = w.row_media(modality, job.seq_len, layout.micro_batch)
+        for module, fwd in row.forward_flops.items():
+            c = counts[module]
+            split = layout.tp if c.tp_split >= c.replicated else 1
+            seconds += share * w.passes(module) * fwd / split / rate
+    return seconds
 
 
 def elementwise_bytes_per_token_layer(job: Job) -> float:
@@ -180,15 +202,22 @@ def estimate_step(
     gemm_rate = cluster.gpu.peak_tflops(job.precision) * 1e12 * eff.of(job.precision)
     bf16_rate = cluster.gpu.peak_tflops("bf16") * 1e12 * eff.bf16
 
-    # Compute of the slowest rank (the last one has the output layer as well).
-    gemm_flops, other_flops = rank_flops_per_microbatch(job, layout, last=True)
-    layers = m.num_layers // pp
+    # Compute per microbatch of the first rank (encoders) and of the last (output layer); the
+    # pipeline runs at the pace of the slower.
+    hbm_rate = cluster.gpu.hbm_tb_s * 1e12 * HBM_EFFICIENCY
     tokens = layout.micro_batch * job.seq_len / cp
-    elementwise = layers * tokens / tp * elementwise_bytes_per_token_layer(job)
+    elementwise_per_layer = tokens / tp * elementwise_bytes_per_token_layer(job)
     if layout.recompute == "full":
-        elementwise *= 4 / 3  # the forward third runs twice
-    t_comp = (gemm_flops / gemm_rate + other_flops / bf16_rate
-              + elementwise / (cluster.gpu.hbm_tb_s * 1e12 * HBM_EFFICIENCY))
+        elementwise_per_layer *= 4 / 3  # the forward third runs twice
+
+    def rank_seconds(rank: int) -> float:
+        gemm_flops, other_flops = rank_flops_per_microbatch(job, layout, rank)
+        t = (gemm_flops / gemm_rate + other_flops / bf16_rate
+             + layout.stage_layers(m.num_layers, rank) * elementwise_per_layer / hbm_rate)
+        return t + (encoder_seconds_per_microbatch(job, layout, bf16_rate, micro) if rank == 0 else 0.0)
+
+    t_comp = max(rank_seconds(r) for r in {0, pp - 1})
+    layers = max(layout.stage_layers(m.num_layers, r) for r in {0, pp - 1})
     act_bytes = tokens * m.hidden_size * 2  # bf16 activations of one microbatch on one CP rank
 
     # TP: AG + RS around attention and MLP, forward and backward (+ recomputed forward).
@@ -216,7 +245,8 @@ def estimate_step(
 
     # DP: distributed optimizer reduce-scatters grads, all-gathers bf16 params, over dp*cp.
     shards = dp * cp
-    params = max(sum(stage_params_per_gpu(m, layout, r).values()) for r in {0, pp - 1})
+    # Only trainable parameters have gradients to reduce and updated weights to gather.
+    params = max(trainable_params_per_gpu(job, layout, r)["trainable"] for r in {0, pp - 1})
     per_param = model_state_bytes_per_param(shards, mem)
     bw_dp = cluster.bandwidth_gb_s(tp * cp * dp)
     t_rs = _ring(shards, params * per_param["grads"], bw_dp)
@@ -228,7 +258,7 @@ def estimate_step(
 
     # Adam on the local shard: read/write fp32 master, m, v (24 B), read fp32 grad (4 B),
     # write bf16 param (2 B), grad-norm read (4 B) at ~80 % of HBM bandwidth.
-    t_opt = params / shards * 34 / (cluster.gpu.hbm_tb_s * 1e12 * HBM_EFFICIENCY)
+    t_opt = params / shards * 34 / hbm_rate
 
     return TimeBreakdown(
         num_microbatches=micro,

@@ -153,21 +153,32 @@ def llm_forward_flops(
     return model.num_layers * per_layer + logits
 
 
-def llm_flops(model: ModelConfig, seq_lengths: Sequence[int], *, tp: int = 1) -> float:
+def llm_flops(model: ModelConfig, seq_lengths: Sequence[int], *, tp: int = 1, weight_grads: bool = True,
+              causal: bool = True) -> float:
     """Training FLOPs (forward + backward) for one packed row / set of samples.
 
     A plain unpacked sequence of length ``S`` is ``[S]``; a packed row is the list
     of its samples' lengths.  Model FLOPs: activation recomputation is not counted.
+    ``weight_grads=False``: a frozen LLM that gradients still flow through (M2-omni PT-1's
+    connectors, AT's LoRA adapters) skips its weight-gradient GEMMs, so every weight GEMM runs
+    twice (forward, dgrad) while the weightless core attention still runs three times.
     """
-    return FWD_BWD_FACTOR * llm_forward_flops(model, seq_lengths, tp=tp, causal=True)
+    forward = llm_forward_flops(model, seq_lengths, tp=tp, causal=causal)
+    if weight_grads:
+        return FWD_BWD_FACTOR * forward
+    sum_sq = sum(int(n) * int(n) for n in seq_lengths)
+    core = model.num_layers * attention_forward_flops(
+        0, sum_sq, hidden_size=model.hidden_size, num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups, head_dim=model.head_dim, causal=causal)
+    return 2 * forward + core
 
 
 def llm_flops_per_step(
-    model: ModelConfig, global_batch_size: int, seq_length: int, *, tp: int = 1
+    model: ModelConfig, global_batch_size: int, seq_length: int, *, tp: int = 1, weight_grads: bool = True
 ) -> float:
     """Training FLOPs of one optimizer step over ``global_batch_size`` unpacked
     sequences of ``seq_length`` tokens (Megatron-LM's ``num_floating_point_operations``)."""
-    return global_batch_size * llm_flops(model, [seq_length], tp=tp)
+    return global_batch_size * llm_flops(model, [seq_length], tp=tp, weight_grads=weight_grads)
 
 
 def flops_per_token(model: ModelConfig, seq_length: int, *, tp: int = 1) -> float:

@@ -149,7 +149,9 @@ def pretrain(
     preemption = PreemptionHandler()
 
     world = dist.get_world_size()
-    step_flops = flops.llm_flops_per_step(cfg.model, t.global_batch_size, cfg.data.seq_length, tp=cfg.parallel.tp)
+    # A frozen omni LLM (omni.freeze) runs no weight-gradient GEMMs.
+    step_flops = flops.llm_flops_per_step(cfg.model, t.global_batch_size, cfg.data.seq_length, tp=cfg.parallel.tp,
+                                          weight_grads=cfg.omni is None or "llm" not in cfg.omni.freeze)
     device = flops.detect_device()
     precision = "fp8" if cfg.model.fp8 else {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
         params_dtype(t.precision)]

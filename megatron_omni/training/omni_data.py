@@ -75,7 +75,7 @@ class OmniData:
         # per modality, so throughput reports can show each modality's encoder share of the FLOPs
         self._step_encoder_flops = {m: 0.0 for m in self.modalities}
         for b in batches:
-            self._step_encoder_flops[b.modality] += encoder_training_flops(omni.vision, omni.audio, b)
+            self._step_encoder_flops[b.modality] += encoder_training_flops(omni, b, lora=self.cfg.lora is not None)
         self._step_microbatches = plan.counts()
         return [iter(planned) for _ in range(self.num_chunks)]
 

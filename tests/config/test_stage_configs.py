@@ -16,7 +16,7 @@ TABLE2 = {
     "at": ({"vision_encoder", "vision_connector", "audio_encoder", "audio_connector", "llm"}, 5e-6, None),
 }
 SETS = {"tiny": ("configs/tiny/stages", 4, 100.0), "m2omni_9b": ("configs/m2omni_9b/stages", 8, 1.0),
-        "m2omni_72b": ("configs/m2omni_72b/stages", 64, 1.0)}
+        "m2omni_72b": ("configs/m2omni_72b/stages", 128, 1.0)}
 
 
 @pytest.mark.parametrize("size", list(SETS))

@@ -193,6 +193,35 @@ def test_sanm_lengths_and_padding(world):
             m(torch.randn(1, 8, 241))
 
 
+@pytest.mark.parametrize("encoder_type", ["whisper", "sanm"])
+def test_recompute_gives_the_same_gradients_and_keeps_fewer_activations(world, encoder_type):
+    """`recompute: true` changes what the backward keeps, not the gradients."""
+    import dataclasses
+
+    from megatron_omni.models.audio import build_audio_encoder
+
+    base = _cfg(num_layers=4) if encoder_type == "whisper" else dataclasses.replace(_sanm_cfg(), num_layers=4)
+    mels = base.num_mel_bins
+    lengths = torch.tensor([100, 61])
+    feats = torch.randn(2, mels, 100, generator=torch.Generator().manual_seed(5))
+    grads, saved, weights = {}, {}, None
+    for recompute in (False, True):
+        enc = build_audio_encoder(dataclasses.replace(base, recompute=recompute)).train()
+        if weights is None:
+            weights = enc.state_dict()
+        enc.load_state_dict(weights)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            tokens, _ = enc(feats, lengths)
+        tokens.square().mean().backward()
+        grads[recompute] = {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+        saved[recompute] = sum(kept)
+    assert grads[True].keys() == grads[False].keys() and len(grads[False]) > 10
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, rtol=0, atol=1e-6, msg=name)
+    assert saved[True] < 0.6 * saved[False], saved
+
+
 # ------------------------------------------------------------------------------- tensor parallel
 
 _COLUMN = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias")

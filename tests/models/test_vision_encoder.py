@@ -110,6 +110,31 @@ def test_gradients_flow(tiny):
     enc.zero_grad()
 
 
+def test_recompute_gives_the_same_gradients_and_keeps_fewer_activations(tiny):
+    """`recompute: true` (megatron full recompute per block) changes memory, not math."""
+    import dataclasses
+
+    from megatron_omni.convert.mcore_io import megatron_world
+
+    cfg, hf, _ = tiny
+    pv = _inputs(cfg, GRID, seed=4)
+    grads, saved = {}, {}
+    for recompute in (False, True):
+        with megatron_world():
+            enc = NaViTEncoder(dataclasses.replace(cfg, recompute=recompute)).train()
+            load_hf_state_dict(enc, hf.state_dict())
+            kept = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+                loss = enc(pv, GRID).square().mean()
+            loss.backward()
+            grads[recompute] = {n: p.grad.clone() for n, p in enc.named_parameters()}
+            saved[recompute] = sum(kept)
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, rtol=0, atol=1e-6, msg=name)
+    print(f"\nsaved activation elements: {saved[False]} without recompute, {saved[True]} with")
+    assert saved[True] < 0.6 * saved[False]
+
+
 def test_positions_and_segments_match_hf():
     vu = pytest.importorskip("transformers.vision_utils")
     grids = torch.tensor([[1, 4, 6], [3, 6, 8], [2, 2, 2], [1, 10, 4]])

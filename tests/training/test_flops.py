@@ -102,6 +102,23 @@ def test_backward_is_twice_forward_on_hf_llama():
     assert counter.get_total_flops() == pytest.approx(3 * F.llm_forward_flops(m, [64], causal=False), rel=0.01)
 
 
+def test_frozen_llm_skips_weight_gradients_on_hf_llama():
+    """A frozen LLM fed trainable inputs (M2-omni PT-1: the connectors train) runs forward + dgrad
+    of every weight GEMM and the full backward of core attention: what FlopCounterMode measures
+    equals llm_flops(weight_grads=False)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = load_model("tiny_llm")
+    model = _hf_tiny_llama(m).train().requires_grad_(False)
+    ids = torch.randint(0, m.vocab_size, (1, 64))
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # the connector's output
+    with FlopCounterMode(display=False) as counter:
+        model(inputs_embeds=embeds, labels=ids).loss.backward()
+    measured = counter.get_total_flops()
+    assert measured == pytest.approx(F.llm_flops(m, [64], weight_grads=False, causal=False), rel=0.01)
+    assert measured < 0.8 * F.llm_flops(m, [64], causal=False)
+
+
 def test_packing_uses_sum_of_squares():
     m = load_model("llama3_8b")
     S = 8192

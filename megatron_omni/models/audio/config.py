@@ -51,6 +51,9 @@ class AudioConfig(ConfigSection):
     lfr_n: int = 6
     sanm_kernel_size: int = 11
     sanm_shift: int = 0  # left shift of the FSMN window (0 = centred)
+    # Recompute every encoder layer in the backward (megatron full recompute for Whisper-style,
+    # torch.utils.checkpoint per SAN-M layer): more encoder compute, far fewer stored activations.
+    recompute: bool = False
 
     def __post_init__(self):
         if self.encoder_type not in ("whisper", "sanm"):

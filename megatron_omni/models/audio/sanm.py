@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron_omni.models.audio.config import AudioConfig, encoder_frame_count
 from megatron_omni.models.audio.connector import AudioConnector, ConnectedAudioEncoder
@@ -113,6 +114,8 @@ class SANMEncoder(ConnectedAudioEncoder):
         T = x.shape[1]
         valid = torch.arange(T, device=x.device)[None, :] < enc_lengths[:, None]
         x = x * math.sqrt(self.audio.d_model) + sinusoids(T + 1, x.shape[-1])[1:].to(x)
+        recompute = self.audio.recompute and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, valid)
+            # Recompute keeps each layer's input only (its softmax probabilities are frames^2 per head).
+            x = checkpoint(layer, x, valid, use_reentrant=False) if recompute else layer(x, valid)
         return self.final_layernorm(x), enc_lengths

@@ -57,6 +57,7 @@ def encoder_transformer_config(
         init_method_std=audio.init_method_std,
         params_dtype=params_dtype,
         tp=tp,
+        recompute=audio.recompute,
         masked_softmax_fusion=cuda,
         # megatron's fused bias-GELU is the tanh approximation: keep the exact GELU.
         bias_activation_fusion=False,

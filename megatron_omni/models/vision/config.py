@@ -36,6 +36,9 @@ class VisionConfig(ConfigSection):
     # auto = Transformer Engine layers + THD packed attention when usable, else local layers +
     # block-diagonal mask; "local" forces the latter.
     transformer_impl: str = "auto"
+    # Recompute every ViT block in the backward (megatron full recompute, one block per
+    # checkpoint): one more encoder forward for a small fraction of its activation memory.
+    recompute: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:

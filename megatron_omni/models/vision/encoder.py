@@ -163,6 +163,7 @@ def vision_transformer_config(
         bias_dropout_fusion=kernels.cuda,
         apply_rope_fusion=False,  # see module docstring: per-token freqs in THD need the unfused path
         gradient_accumulation_fusion=kernels.transformer_engine or kernels.apex,
+        recompute=cfg.recompute,
     )
 
 

@@ -1,0 +1,376 @@
+"""The omni side of a plan: what a stage trains, what its microbatches feed the encoders, and
+what that costs the first pipeline stage (where the encoders live, `models/omni.py`).
+
+What is read from the stage config (nothing here is a new hyper-parameter):
+
+* trainable modules: `omni.freeze` (paper Table 2 "trainable modules") and `lora` (AT);
+* the modality of every pipeline microbatch: `ModalityRoundScheduler` on the `balance` section
+  (or the loop's default plan, `training/omni_data.py`), the pure-text share of Sec. 3.3;
+* media sizes: the blend's Table 2 limits (`max_image_tokens`, `max_video_frames`).
+
+What the planner cannot see in a config -- how much of a packed row is media, how long the
+audio clips are -- is a `MediaAssumptions`, printed with every plan and overridable.
+
+Work per module and microbatch, in forward passes (`training/encoder_flops.module_passes`, the
+rule the training logs count by, so predicted and logged TFLOP/s compare): 3 when the module
+trains (forward, dgrad, wgrad), 2 when it is frozen but a module before it trains (forward + the
+activation gradient that must flow through it; PT-1's frozen LLM carries the connectors'
+gradients, AT's frozen LLM its LoRA adapters'), 1 when nothing before it trains (forward only,
+autograd keeps nothing).  Step time adds one forward for recomputed encoders; model FLOPs do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from megatron_omni.balance import ModalityRoundScheduler, SchedulerConfig
+from megatron_omni.config.loader import ConfigError
+from megatron_omni.config.schema import OmniConfig, RunConfig
+from megatron_omni.models.audio.config import AudioConfig, audio_token_count, encoder_frame_count
+from megatron_omni.models.vision.config import VisionConfig
+from megatron_omni.training.encoder_flops import (
+    audio_forward_flops_by_module,
+    module_passes,
+    vision_forward_flops_by_module,
+)
+
+TEXT = "text"
+ENCODER_MODULES = ("vision_encoder", "vision_connector", "audio_encoder", "audio_connector")
+# Which encoder a modality's media go through.
+MEDIA_ENCODER = {"image": "vision", "video": "vision", "audio": "audio"}
+FBANK_FRAMES_PER_S = 100  # 10 ms hop (data/media: Kaldi fbank)
+
+
+@dataclass(frozen=True)
+class MediaAssumptions:
+    """Media in one packed row, per modality -- properties of the data, not of the config.
+
+    `media_fraction`: share of a row's LLM tokens that are encoder outputs (the rest is text:
+    prompts, answers, chat template).  Images and video frames take their stage's Table 2
+    limit (`max_image_tokens`, `max_video_frames`) -- an upper bound; audio clips last
+    `audio_seconds`.  Modalities not listed (text, DPO preference rows) carry no media.
+    """
+
+    media_fraction: Mapping[str, float] = field(
+        default_factory=lambda: {"image": 0.75, "video": 0.85, "audio": 0.5})
+    audio_seconds: float = 30.0
+
+    def __post_init__(self):
+        for m, f in self.media_fraction.items():
+            if m not in MEDIA_ENCODER:
+                raise ConfigError(f"media fraction for {m!r}: only {sorted(MEDIA_ENCODER)} carry media")
+            if not 0.0 <= f <= 1.0:
+                raise ConfigError(f"media fraction of {m} must lie in [0, 1], got {f}")
+        if self.audio_seconds <= 0:
+            raise ConfigError(f"audio_seconds must be > 0, got {self.audio_seconds}")
+
+
+@dataclass(frozen=True)
+class EncoderParams:
+    """Parameters of one encoder module held by one GPU of the first stage at TP=1, split into
+    the tensor-parallel ones (divided by TP) and the replicated ones (LayerNorms, biases of
+    row-parallel layers, and the whole SAN-M encoder, which is not tensor-split)."""
+
+    tp_split: int
+    replicated: int
+
+    def per_gpu(self, tp: int) -> int:
+        return self.tp_split // tp + self.replicated
+
+
+@dataclass(frozen=True)
+class RowMedia:
+    """Encoder work of one packed row of one modality: forward FLOPs per module and the
+    activation bytes one TP rank keeps for the backward (before deciding if it is needed)."""
+
+    forward_flops: Mapping[str, float]
+    activation_replicated: Mapping[str, float]  # bytes every TP rank keeps whole
+    activation_tp_split: Mapping[str, float]  # bytes divided over the TP ranks
+
+    def activation_bytes(self, module: str, tp: int) -> float:
+        return self.activation_replicated.get(module, 0.0) + self.activation_tp_split.get(module, 0.0) / tp
+
+
+@dataclass(frozen=True)
+class OmniWorkload:
+    omni: OmniConfig
+    balance: SchedulerConfig
+    max_image_tokens: int
+    max_video_frames: Optional[int]
+    lora_fraction: Optional[float] = None
+    media: MediaAssumptions = field(default_factory=MediaAssumptions)
+    stage: str = ""  # what the workload was read from, for reports
+    _rows: Dict[Tuple[str, int, int], "RowMedia"] = field(default_factory=dict, compare=False, repr=False)
+    _variants: Dict[bool, "OmniWorkload"] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def encoder_recompute(self) -> bool:
+        return any(e is not None and e.recompute for e in (self.omni.vision, self.omni.audio))
+
+    @property
+    def trains_an_encoder(self) -> bool:
+        return any(self.keeps_activations(m) for m in ("vision_encoder", "audio_encoder") if self._present(m))
+
+    def with_encoder_recompute(self, recompute: Optional[bool]) -> "OmniWorkload":
+        """This workload with `vision.recompute` and `audio.recompute` set (None: as configured)."""
+        if recompute is None or recompute == self.encoder_recompute:
+            return self
+        if recompute not in self._variants:
+            omni = dataclasses.replace(self.omni, **{
+                k: dataclasses.replace(e, recompute=recompute)
+                for k, e in (("vision", self.omni.vision), ("audio", self.omni.audio)) if e is not None})
+            self._variants[recompute] = dataclasses.replace(self, omni=omni, _rows={}, _variants={})
+        return self._variants[recompute]
+
+    @property
+    def modalities(self) -> List[str]:
+        return list(self.balance.modalities)
+
+    # ------------------------------------------------------------ what trains
+    def trainable(self, module: str) -> bool:
+        return module not in self.omni.freeze and self._present(module)
+
+    def _present(self, module: str) -> bool:
+        if module.startswith("vision"):
+            return self.omni.vision is not None
+        if module.startswith("audio"):
+            return self.omni.audio is not None
+        return True
+
+    def passes(self, module: str) -> int:
+        """Forward-pass equivalents this module executes per microbatch (module docstring), + 1
+        for a recomputed encoder (`vision.recompute`, `audio.recompute`) that runs a backward."""
+        base = self._passes(module)
+        encoder = {"vision_encoder": self.omni.vision, "audio_encoder": self.omni.audio}.get(module)
+        return base + int(base > 1 and encoder is not None and encoder.recompute)
+
+    def _passes(self, module: str) -> int:
+        return module_passes(module, self.omni, lora=bool(self.lora_fraction))
+
+    def keeps_activations(self, module: str) -> bool:
+        return self._passes(module) > 1
+
+    # ------------------------------------------------------------ microbatch mix
+    def modality_shares(self, num_microbatches: int) -> Dict[str, float]:
+        """Long-run share of each modality among one DP rank's microbatches, from the scheduler
+        itself (raises ValueError when the scheduler rejects this many microbatches)."""
+        return _shares(self.balance, num_microbatches)
+
+    # ------------------------------------------------------------ media of one row
+    def row_media(self, modality: str, seq_len: int, micro_batch: int = 1) -> RowMedia:
+        """Encoder work of one microbatch of `modality` (rows of `seq_len` tokens)."""
+        key = (modality, seq_len, micro_batch)
+        if key not in self._rows:
+            self._rows[key] = self._row_media(modality, seq_len, micro_batch)
+        return self._rows[key]
+
+    def model_flops_per_microbatch(self, seq_len: int, micro_batch: int, num_microbatches: int) -> float:
+        """Encoder + connector model FLOPs of an average microbatch, counted as the training
+        logs count them (`training/encoder_flops.py`: recomputation left out)."""
+        return sum(share * self._passes(module) * flops
+                   for m, share in self.modality_shares(num_microbatches).items()
+                   for module, flops in self.row_media(m, seq_len, micro_batch).forward_flops.items())
+
+    def _row_media(self, modality: str, seq_len: int, micro_batch: int) -> RowMedia:
+        fraction = self.media.media_fraction.get(modality, 0.0)
+        encoder = MEDIA_ENCODER.get(modality)
+        tokens = int(fraction * seq_len) * micro_batch
+        if encoder == "vision" and self.omni.vision is not None and tokens:
+            grid = self._vision_grid(modality)
+            items = max(1, tokens // _vision_tokens(grid, self.omni.vision))
+            return _vision_row(self.omni.vision, grid, items)
+        if encoder == "audio" and self.omni.audio is not None and tokens:
+            frames = int(self.media.audio_seconds * FBANK_FRAMES_PER_S)
+            items = max(1, tokens // int(audio_token_count(frames, self.omni.audio)))
+            return _audio_row(self.omni.audio, frames, items)
+        return RowMedia({}, {}, {})
+
+    def _vision_grid(self, modality: str) -> Tuple[int, int, int]:
+        """(t, h, w) patch grid of one image / video at the stage's Table 2 limit."""
+        vision = self.omni.vision
+        m = vision.spatial_merge_size
+        if modality == "video":
+            frames = self.max_video_frames or vision.temporal_patch_size
+            t = max(1, frames // vision.temporal_patch_size)
+            per_slice = max(1, self.max_image_tokens // t)  # the clip shares the token limit
+        else:
+            t, per_slice = 1, self.max_image_tokens
+        side = max(1, math.isqrt(per_slice))
+        return t, side * m, (per_slice // side) * m
+
+    def describe(self) -> Dict:
+        return {
+            "stage": self.stage, "modalities": self.modalities, "scheduler_mode": self.balance.mode,
+            "pure_text_share": self.balance.pure_text_share, "freeze": list(self.omni.freeze),
+            "lora_fraction": self.lora_fraction, "max_image_tokens": self.max_image_tokens,
+            "max_video_frames": self.max_video_frames,
+            "media_fraction_assumed": dict(self.media.media_fraction),
+            "audio_seconds_assumed": self.media.audio_seconds,
+        }
+
+
+def _vision_tokens(grid: Tuple[int, int, int], vision: VisionConfig) -> int:
+    t, h, w = grid
+    return t * h * w // vision.spatial_merge_size ** 2
+
+
+def _vision_row(vision: VisionConfig, grid: Tuple[int, int, int], items: int) -> RowMedia:
+    grids = torch.tensor([grid] * items)
+    flops = vision_forward_flops_by_module(vision, grids)
+    patches = items * grid[0] * grid[1] * grid[2]
+    d, f = vision.hidden_size, vision.ffn_hidden_size
+    # Per patch and layer (bf16, flash attention, no sequence parallelism inside the encoder):
+    # replicated: both LayerNorm inputs, the QKV and fc1 GEMM inputs (8d); TP-split: Q, K, V and
+    # the attention output (8d), the activation input and the fc2 GEMM input (4f).  With
+    # `recompute` only each block's input (2d) stays, plus one block's working set at a time.
+    # Merger, per patch: LayerNorm + fc1 inputs (4d, replicated), GELU + fc2 inputs (m/4 wide
+    # each per patch, split).
+    m = vision.merge_width // vision.spatial_merge_size ** 2
+    layers_kept, inputs = (1, vision.depth * 2 * d) if vision.recompute else (vision.depth, 0)
+    return RowMedia(
+        flops,
+        {"vision_encoder": patches * (inputs + layers_kept * 8 * d), "vision_connector": patches * 4 * d},
+        {"vision_encoder": patches * layers_kept * (8 * d + 4 * f), "vision_connector": patches * 4 * m},
+    )
+
+
+def _audio_row(audio: AudioConfig, frames: int, items: int) -> RowMedia:
+    flops = audio_forward_flops_by_module(audio, torch.full((items,), frames))
+    enc = int(encoder_frame_count(frames, audio))
+    tokens = items * int(audio_token_count(frames, audio))
+    d, f, layers = audio.d_model, audio.ffn_hidden_size, audio.num_layers
+    hidden = audio.connector_hidden_size or audio.out_hidden_size
+    # Connector, per token: the stacked k frames (GEMM input, replicated), GELU + fc2 inputs (split).
+    connector = ({"audio_connector": tokens * 2 * audio.downsample_factor * d},
+                 {"audio_connector": tokens * 4 * hidden})
+    # With `recompute` each layer keeps only its input (2d per frame), plus one layer's working
+    # set at a time.
+    layers_kept, inputs = (1, layers * 2 * d) if audio.recompute else (layers, 0)
+    if audio.encoder_type == "sanm":
+        # Plain torch modules, replicated over TP: LayerNorm/QKV/FFN inputs, Q, K, V, attention
+        # output, FSMN memory (16d) + the FFN's 4f, and the softmax probabilities it
+        # materialises (heads x frames^2 per clip, bf16).
+        per_clip = enc * inputs + layers_kept * (enc * (16 * d + 4 * f) + 2 * audio.num_attention_heads * enc * enc)
+        return RowMedia(flops, {"audio_encoder": items * per_clip, **connector[0]}, connector[1])
+    # Whisper-style: megatron blocks, split as the ViT's.
+    return RowMedia(flops, {"audio_encoder": items * enc * (inputs + layers_kept * 8 * d), **connector[0]},
+                    {"audio_encoder": items * enc * layers_kept * (8 * d + 4 * f), **connector[1]})
+
+
+@lru_cache(maxsize=64)
+def _shares_cached(balance_key: str, num_microbatches: int) -> Tuple[Tuple[str, float], ...]:
+    import json
+
+    cfg = SchedulerConfig(**json.loads(balance_key))
+    scheduler = ModalityRoundScheduler(cfg, num_microbatches, seed=0)
+    # Text counts repeat with period (share * n).denominator; the rotation of the other
+    # modalities with their count: a few periods give the exact long-run mix.
+    steps = max(1, _period(cfg, num_microbatches)) * max(1, len(cfg.modalities))
+    counts: Dict[str, int] = {m: 0 for m in cfg.modalities}
+    for s in range(steps):
+        for m, c in scheduler.plan(s).counts().items():
+            counts[m] += c
+    total = sum(counts.values())
+    return tuple((m, c / total) for m, c in counts.items())
+
+
+def _period(cfg: SchedulerConfig, num_microbatches: int) -> int:
+    share = cfg.text_share
+    return 1 if share is None else (share * num_microbatches).denominator
+
+
+def _shares(balance: SchedulerConfig, num_microbatches: int) -> Dict[str, float]:
+    import json
+
+    key = {k: v for k, v in dataclasses.asdict(balance).items() if k in ("mode", "modalities", "pure_text_share",
+                                                                         "data_volumes")}
+    return dict(_shares_cached(json.dumps(key, sort_keys=True), num_microbatches))
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def encoder_params(omni: OmniConfig) -> Dict[str, EncoderParams]:
+    """Exact parameter counts of the encoders and connectors, built as training builds them
+    (megatron modules, on the meta device); TP-split = parameters megatron marks
+    `tensor_model_parallel`."""
+    import json
+
+    from megatron_omni.config.loader import to_dict
+
+    return dict(_encoder_params_cached(json.dumps(to_dict(omni), sort_keys=True)))
+
+
+@lru_cache(maxsize=8)
+def _encoder_params_cached(omni_key: str) -> Tuple[Tuple[str, EncoderParams], ...]:
+    import json
+
+    from megatron_omni.config.loader import from_dict
+    from megatron_omni.convert.mcore_io import MetaDevice, megatron_world
+    from megatron_omni.models.omni import module_of
+
+    omni = from_dict(OmniConfig, json.loads(omni_key))
+    split: Dict[str, int] = {m: 0 for m in ENCODER_MODULES}
+    replicated: Dict[str, int] = {m: 0 for m in ENCODER_MODULES}
+    with megatron_world(), MetaDevice():
+        modules = []
+        if omni.vision is not None:
+            from megatron_omni.models.vision.encoder import NaViTEncoder
+
+            modules.append(("vision.", NaViTEncoder(omni.vision, params_dtype=torch.bfloat16)))
+        if omni.audio is not None:
+            from megatron_omni.models.audio.whisper import build_audio_encoder
+
+            modules.append(("audio.", build_audio_encoder(omni.audio, params_dtype=torch.bfloat16)))
+        for prefix, module in modules:
+            for name, p in module.named_parameters():
+                target = split if getattr(p, "tensor_model_parallel", False) else replicated
+                target[module_of(prefix + name)] += p.numel()
+    return tuple((m, EncoderParams(split[m], replicated[m])) for m in ENCODER_MODULES)
+
+
+# ---------------------------------------------------------------- from a config
+
+
+def workload_from_config(cfg: RunConfig, media: Optional[MediaAssumptions] = None,
+                         source: str = "") -> OmniWorkload:
+    """The omni workload of a run config (a stage config) or a model bundle (`model` + `omni`).
+
+    A stage names its blend (`data.omni_blend`): its Table 2 media limits and modalities.
+    Without one (a model bundle) the plan assumes PT-3's: every modality the encoders serve,
+    320 image tokens, 8 video frames (Table 2), 25 % pure text (Sec. 3.3).
+    """
+    from megatron_omni.data.blend import BlendConfig, load_blend
+
+    if cfg.omni is None:
+        raise ConfigError("not an omni config (no `omni:` section)")
+    blend: Optional[BlendConfig] = None
+    if cfg.data.omni_blend:
+        path = cfg.data.omni_blend
+        if not os.path.exists(path):
+            raise ConfigError(f"data.omni_blend {path!r} not found (paths are relative to the directory "
+                              f"plan.py runs in, as for training)")
+        blend = load_blend(path)
+    if blend is not None:
+        modalities = list(blend.modalities)
+        limits = (blend.max_image_tokens, blend.max_video_frames, blend.pure_text_share)
+    else:
+        modalities = ([m for m in ("image", "video") if cfg.omni.vision is not None]
+                      + (["audio"] if cfg.omni.audio is not None else []) + [TEXT])
+        limits = (320, 8 if cfg.omni.vision is not None else None, 0.25)
+    balance = cfg.balance
+    if balance is None:  # the loop's default plan (training/omni_data.py)
+        balance = SchedulerConfig(mode="accumulation", modalities=modalities,
+                                  pure_text_share=limits[2] if TEXT in modalities else None)
+    return OmniWorkload(
+        omni=cfg.omni, balance=balance, max_image_tokens=limits[0], max_video_frames=limits[1],
+        lora_fraction=cfg.lora.fraction if cfg.lora is not None else None,
+        media=media or MediaAssumptions(), stage=source or (blend.stage if blend else "model bundle"),
+    )
