@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -34,6 +35,7 @@ from megatron_omni.training.text_data import build_text_data, chunk_iterators
 if TYPE_CHECKING:
     from megatron_omni.profiling import StepProfiler
 
+COMPLETE_MARKER = "training_complete.json"
 log = logging.getLogger("megatron_omni.train")
 
 
@@ -244,4 +246,9 @@ def pretrain(
         profiler.close()
     preemption.restore()
     metrics.close()
+    if is_logger and state.step >= t.steps:
+        # Launchers tell "done" from "stopped early with a checkpoint" (both exit 0) by this file:
+        # examples/slurm_train.sbatch requeues until it exists.
+        with open(os.path.join(t.output_dir, COMPLETE_MARKER), "w") as f:
+            json.dump({"step": state.step, "steps": t.steps}, f)
     return state

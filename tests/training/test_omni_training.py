@@ -1,9 +1,11 @@
 """The omni model through the training loop (mock packed microbatches of every modality):
-TP2 x PP2 with an uneven first stage == the single-rank run (losses per modality and the
-gradient of every module, fp32); frozen modules get no gradient and no optimizer state; a run
+TP2 x PP2 with an uneven first stage and recomputed encoders == the single-rank run (losses per
+modality and the gradient of every module, fp32); frozen modules get no gradient and no optimizer state; a run
 resumed from its checkpoint continues with the same losses."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -23,9 +25,11 @@ def _grads(nproc, path, overrides):
 def test_tp2_pp2_matches_single_rank(tmp_path):
     common = [f"train.output_dir={tmp_path}"]
     ref = _grads(1, tmp_path / "ref.pt", common)
-    # encoders + embedding + 1 decoder layer on stage 0, 3 layers on stage 1
+    # encoders + embedding + 1 decoder layer on stage 0, 3 layers on stage 1; the parallel run
+    # recomputes the encoders' layers (what the 72B plan launches), which must not change the math
     got = _grads(4, tmp_path / "par.pt", common + ["parallel.tp=2", "parallel.pp=2",
-                                                   "parallel.first_stage_num_layers=1"])
+                                                   "parallel.first_stage_num_layers=1",
+                                                   "omni.vision.recompute=true", "omni.audio.recompute=true"])
     assert set(ref["losses"]) == {"text", "image", "video", "audio", "audio_gen"}
     assert got["loss"] == pytest.approx(ref["loss"], rel=REL_TOL)
     for m, loss in ref["losses"].items():
@@ -66,9 +70,12 @@ def test_train_and_resume_exactly(tmp_path):
     assert rows[0]["encoder_flops"] > 0 and set(rows[0]["tokens_per_s_by_modality"]) == set(rows[0]["losses"])
     resumed = tmp_path / "resumed"
     train(2, resumed, overrides + ["train.exit_interval=2"], cache_dir=tmp_path / "cache", config=CONFIG)
+    marker = resumed / "training_complete.json"  # what examples/slurm_train.sbatch requeues on
+    assert not marker.exists()
     train(2, resumed, overrides + [f"train.load={resumed / 'checkpoints'}"], cache_dir=tmp_path / "cache",
           config=CONFIG)
     again = metrics(resumed)
+    assert json.loads(marker.read_text()) == {"step": 4, "steps": 4}
     for a, b in zip(rows[2:], again[2:]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), b["step"]
         assert b["losses"] == pytest.approx(a["losses"], rel=1e-6), b["step"]
