@@ -227,6 +227,33 @@ def _drop_new_adapters(sd: Dict[str, Any], path: str) -> set:
     return dropped
 
 
+def _check_model_matches(sd: Dict[str, Any], path: str) -> None:
+    """Before loading: every model tensor this run asks for must be in the checkpoint with the same
+    global shape.  One message for what is missing or reshaped, instead of a storage error deep
+    in dist_checkpointing (typically an LLM-only checkpoint given to an omni run)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    stored = dist_checkpointing.load_tensors_metadata(path)
+    missing, reshaped = [], []
+    for key in [k for k in sd if k.startswith("model")]:
+        for entry in sd[key].values():
+            if not isinstance(entry, ShardedTensor):
+                continue
+            if entry.key not in stored:
+                missing.append(entry.key)
+            elif tuple(stored[entry.key].global_shape) != tuple(entry.global_shape):
+                reshaped.append(f"{entry.key} {tuple(stored[entry.key].global_shape)} -> {tuple(entry.global_shape)}")
+    if not (missing or reshaped):
+        return
+    omni = any(k.startswith(("vision.", "audio.")) for k in missing)
+    hint = (" This looks like a language-model-only checkpoint (e.g. tools/convert_checkpoint.py hf-to-mcore) "
+            "given to an omni model: the omni vocabulary is larger and the encoders are not in it.  Starting "
+            "an omni model from pretrained LLM / encoder weights is not supported yet; start PT-1 from scratch "
+            "or from an omni checkpoint." if omni else "")
+    raise RuntimeError(f"{path}: checkpoint does not match the model: {len(missing)} tensors missing "
+                       f"{missing[:4]}, {len(reshaped)} with another shape {reshaped[:3]}.{hint}")
+
+
 def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> Optional[Dict[str, Any]]:
     """Resume from the latest checkpoint in `root` (or from `root` itself if it is an iter_ folder).
 
@@ -265,6 +292,7 @@ def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> 
         parallel_state.get_data_parallel_group(with_context_parallel=True),
     )
     new_adapters = _drop_new_adapters(sd, path) if finetune else set()
+    _check_model_matches(sd, path)
     loaded = dist_checkpointing.load(sd, path, sharded_strategy=strategy)
     chunks = [unwrap(chunk) for chunk in state.model]
     model_keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]

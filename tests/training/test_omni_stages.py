@@ -72,6 +72,20 @@ def test_stage_chain_pt1_to_pt2(demo, tmp_path):
     assert set(first[0]["losses"]) == {"image", "audio"}  # PT-1: image + audio
 
 
+def test_llm_only_checkpoint_into_an_omni_run_is_a_clear_error(tmp_path):
+    """A text Llama checkpoint (what hf-to-mcore writes) has no encoders and a smaller vocabulary:
+    the omni run refuses it up front, naming what is missing and what to do."""
+    llm = tmp_path / "llm"
+    train(1, llm, ["train.steps=1", "train.save_interval=1"], cache_dir=tmp_path / "cache")
+    proc = train(1, tmp_path / "omni", ["train.steps=1", f"train.pretrained_checkpoint={llm / 'checkpoints'}",
+                                        "data.seq_length=96", "train.micro_batch_size=1", "train.global_batch_size=5"],
+                 cache_dir=tmp_path / "cache", config="configs/tiny/omni_mock.yaml", check=False)
+    assert proc.returncode != 0
+    err = proc.stdout + proc.stderr
+    assert "checkpoint does not match the model" in err and "vision." in err, err[-3000:]
+    assert "language-model-only checkpoint" in err and "embedding.word_embeddings.weight (" in err
+
+
 def test_alignment_tuning_dpo_with_lora_from_a_checkpoint(demo, tmp_path):
     """AT (Eq. 2) at PP2: LoRA adapters added to a checkpoint that has none (B = 0, so the policy
     starts equal to the reference: the first DPO loss is exactly ln 2 through the pipelined
