@@ -1,6 +1,12 @@
 """Cost of the omni wrapper on the backbone: OmniModel vs the bare megatron-core GPTModel.
 
     python benchmarks/omni_overhead.py [--steps 10] [--seq 512] [--mbs 2] [--layers 4] [--hidden 256]
+    python benchmarks/omni_overhead.py --parallel [--steps 12] [--rounds 2]
+
+--parallel: whole training steps through the loop at emulated TP2 x PP2 (4 ranks,
+tools/profile_throughput.py): the tiny omni model with its encoders off on text-only packed
+rows (mock data) vs the tiny Llama text run, same backbone, sequence and global batch; the
+runs alternate so machine-load drift hits both; prints mean step times and their ratio.
 
 Same backbone weights, same text-only microbatch, forward + backward, one rank:
   * bare:  GPTModel, 1D RoPE, megatron's implicit causal mask (what a text-only Llama run does);
@@ -37,6 +43,30 @@ def timed(fn, steps: int, warmup: int = 2) -> float:
     return statistics.median(times) * 1e3
 
 
+def parallel_steps(args) -> None:
+    """The --parallel comparison (module docstring)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from tiny_throughput import run_layout
+
+    same = [f"data.seq_length={args.seq}", f"train.micro_batch_size={args.mbs}", "train.global_batch_size=16",
+            "parallel.tp=2", "parallel.pp=2"]
+    runs = {
+        "bare": ("configs/tiny/llm.yaml", []),
+        "omni": ("configs/tiny/omni_mock.yaml", ["omni.vision=null", "omni.audio=null", "omni.audio_codebook_size=0"]),
+    }
+    means = {name: [] for name in runs}
+    for r in range(args.rounds):
+        for name, (config, extra) in runs.items():
+            run_args = argparse.Namespace(config=config, steps=args.steps, warmup=3,
+                                          out=os.path.join("runs", "bench_omni_overhead", f"{name}_{r}"))
+            summary = run_layout(name, 4, same, run_args, extra)
+            means[name].append(summary["step_time_ms"]["mean"])
+    b, o = min(means["bare"]), min(means["omni"])
+    print(f"\nTP2 x PP2 (4 emulated ranks), seq {args.seq}, micro batch {args.mbs}, GBS 16; mean step ms over "
+          f"{args.rounds} alternating rounds (best round): bare {b:.1f} {means['bare']}, omni {o:.1f} {means['omni']}")
+    print(f"omni (encoders off, text-only packed rows) / bare GPTModel step time: {o / b:.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=10)
@@ -44,7 +74,11 @@ def main() -> None:
     p.add_argument("--mbs", type=int, default=2)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--parallel", action="store_true", help="whole steps at emulated TP2 x PP2 (see above)")
+    p.add_argument("--rounds", type=int, default=2, help="--parallel: alternating rounds")
     args = p.parse_args()
+    if args.parallel:
+        return parallel_steps(args)
 
     from megatron.core.models.gpt import GPTModel
 

@@ -17,7 +17,7 @@
 #        -> tp=8,pp=2,vpp=5 + encoder recompute (configs/m2omni_72b/stages/base.yaml): 34-65 GiB per GPU,
 #           1176 tokens/s/GPU and 54% MFU in PT-3, every stage >= 94.8% of its own best layout.
 #   9b:  python tools/plan.py --chain configs/m2omni_9b/stages/{pt1,pt2,pt3,it1,it2,it3,at}.yaml --nodes 1
-#        -> tp=4 (configs/m2omni_9b/stages/base.yaml): 17-53 GiB per GPU, 9285 tokens/s/GPU and 55% MFU in
+#        -> tp=4 (configs/m2omni_9b/stages/base.yaml): 17-53 GiB per GPU, 9271 tokens/s/GPU and 55% MFU in
 #           PT-3, every stage >= 93.6% of its own best layout.
 # Another node count: re-run the plan with your --nodes and pass its "Launch #1 with" overrides after the size.
 set -euo pipefail

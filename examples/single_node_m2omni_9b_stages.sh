@@ -12,7 +12,7 @@
 #
 # The plan the layout comes from (a prediction, NOT YET MEASURED):
 #   python tools/plan.py --chain configs/m2omni_9b/stages/{pt1,pt2,pt3,it1,it2,it3,at}.yaml --nodes 1
-#   -> tp=4 (configs/m2omni_9b/stages/base.yaml): 17-53 GiB per GPU, 9285 tokens/s/GPU and 55% MFU in PT-3.
+#   -> tp=4 (configs/m2omni_9b/stages/base.yaml): 17-53 GiB per GPU, 9271 tokens/s/GPU and 55% MFU in PT-3.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

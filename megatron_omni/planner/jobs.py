@@ -4,6 +4,7 @@ frozen modules, LoRA, modality plan and Table 2 media limits become the defaults
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 from megatron_omni.config.loader import ConfigError, load_config, load_yaml_tree
@@ -25,8 +26,13 @@ def load_job(path: str, overrides: Sequence[str] = (), *, seq_len: Optional[int]
                    precision or "bf16")
     cfg = load_config(path, overrides)
     is_run = "train" in tree  # a stage: its batch and sequence are the defaults
+    model = cfg.model
+    if cfg.omni is not None:  # the LLM's vocabulary is the text ids + omni specials + speech codes
+        from megatron_omni.models.omni import omni_vocab
+
+        model = dataclasses.replace(model, vocab_size=omni_vocab(model, cfg.omni).size)
     return Job(
-        cfg.model,
+        model,
         seq_len or (cfg.data.seq_length if is_run else DEFAULT_SEQ_LEN),
         _required(global_batch or (cfg.train.global_batch_size if is_run else None), path),
         precision or ("fp8" if cfg.model.fp8 else "bf16"),

@@ -167,7 +167,7 @@ def layer_activation_bytes_per_token(model: ModelConfig, job: Job, layout: Layou
 
 def in_flight_microbatches(layout: Layout, num_microbatches: int, rank: int) -> float:
     """Microbatches whose first-chunk activations rank `rank` holds at the peak of its schedule."""
-    pp, v, m = layout.pp, layout.v, num_microbatches
+    pp, m = layout.pp, num_microbatches
     if pp == 1:
         return 1.0
     if layout.vpp is None:

@@ -38,6 +38,7 @@ from megatron_omni.models.vision.config import VisionConfig
 from megatron_omni.training.encoder_flops import (
     audio_forward_flops_by_module,
     module_passes,
+    module_trains,
     vision_forward_flops_by_module,
 )
 
@@ -112,11 +113,12 @@ class OmniWorkload:
 
     @property
     def encoder_recompute(self) -> bool:
-        return any(e is not None and e.recompute for e in (self.omni.vision, self.omni.audio))
+        """Every encoder of the model recomputes its layers."""
+        return all(e.recompute for e in (self.omni.vision, self.omni.audio) if e is not None)
 
     @property
     def trains_an_encoder(self) -> bool:
-        return any(self.keeps_activations(m) for m in ("vision_encoder", "audio_encoder") if self._present(m))
+        return any(self.keeps_activations(m) for m in ("vision_encoder", "audio_encoder"))
 
     def with_encoder_recompute(self, recompute: Optional[bool]) -> "OmniWorkload":
         """This workload with `vision.recompute` and `audio.recompute` set (None: as configured)."""
@@ -135,14 +137,7 @@ class OmniWorkload:
 
     # ------------------------------------------------------------ what trains
     def trainable(self, module: str) -> bool:
-        return module not in self.omni.freeze and self._present(module)
-
-    def _present(self, module: str) -> bool:
-        if module.startswith("vision"):
-            return self.omni.vision is not None
-        if module.startswith("audio"):
-            return self.omni.audio is not None
-        return True
+        return module_trains(module, self.omni)
 
     def passes(self, module: str) -> int:
         """Forward-pass equivalents this module executes per microbatch (module docstring), + 1

@@ -72,17 +72,18 @@ UPSTREAM = {
 }
 
 
+def module_trains(module: str, omni: OmniConfig) -> bool:
+    """Whether an OMNI_MODULES entry is in the model and not frozen (`omni.freeze`)."""
+    present = {"vision": omni.vision is not None, "audio": omni.audio is not None}.get(module.split("_")[0], True)
+    return present and module not in omni.freeze
+
+
 def module_passes(module: str, omni: OmniConfig, lora: bool = False) -> int:
     """Forward-pass equivalents of training work for one module (see the module docstring);
     LoRA adapters make a frozen LLM carry gradients."""
-    present = {"vision": omni.vision is not None, "audio": omni.audio is not None}
-
-    def trains(m: str) -> bool:
-        return m not in omni.freeze and present.get(m.split("_")[0], True)
-
-    if trains(module):
+    if module_trains(module, omni):
         return FWD_BWD_FACTOR
-    if (module == "llm" and lora) or any(trains(u) for u in UPSTREAM[module]):
+    if (module == "llm" and lora) or any(module_trains(u, omni) for u in UPSTREAM[module]):
         return 2
     return 1
 
