@@ -48,11 +48,15 @@ def parallel_steps(args) -> None:
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     from tiny_throughput import run_layout
 
+    h = args.hidden  # the single-rank comparison's backbone (head_dim 32)
     same = [f"data.seq_length={args.seq}", f"train.micro_batch_size={args.mbs}", "train.global_batch_size=16",
-            "parallel.tp=2", "parallel.pp=2"]
+            "parallel.tp=2", "parallel.pp=2", f"model.num_layers={args.layers}", f"model.hidden_size={h}",
+            f"model.ffn_hidden_size={4 * h}", f"model.num_attention_heads={h // 32}",
+            f"model.num_query_groups={h // 64}"]
     runs = {
         "bare": ("configs/tiny/llm.yaml", []),
-        "omni": ("configs/tiny/omni_mock.yaml", ["omni.vision=null", "omni.audio=null", "omni.audio_codebook_size=0"]),
+        "omni": ("configs/tiny/omni_mock.yaml", ["omni.vision=null", "omni.audio=null", "omni.audio_codebook_size=0",
+                                                 "omni.mrope_section=[4,6,6]"]),
     }
     means = {name: [] for name in runs}
     for r in range(args.rounds):
@@ -62,7 +66,8 @@ def parallel_steps(args) -> None:
             summary = run_layout(name, 4, same, run_args, extra)
             means[name].append(summary["step_time_ms"]["mean"])
     b, o = min(means["bare"]), min(means["omni"])
-    print(f"\nTP2 x PP2 (4 emulated ranks), seq {args.seq}, micro batch {args.mbs}, GBS 16; mean step ms over "
+    print(f"\nTP2 x PP2 (4 emulated ranks), {args.layers} layers x {h}, seq {args.seq}, micro batch {args.mbs}, GBS 16; "
+          f"mean step ms over "
           f"{args.rounds} alternating rounds (best round): bare {b:.1f} {means['bare']}, omni {o:.1f} {means['omni']}")
     print(f"omni (encoders off, text-only packed rows) / bare GPTModel step time: {o / b:.3f}")
 
