@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--media-fraction", help="omni: share of a packed row's tokens that are media, per modality, "
                                             "e.g. image=0.75,video=0.85,audio=0.5 (the defaults)")
     p.add_argument("--audio-seconds", type=float, help="omni: length of one audio clip (default 30)")
+    p.add_argument("--media-from-data", action="store_true",
+                   help="omni stage config: measure the media share of packed rows and the audio clip length on "
+                        "the stage's data (data.root, data.omni_blend) instead of assuming them")
     p.add_argument("--layout", help="price only this layout, e.g. tp=4,pp=8,vpp=5[,cp=2,mbs=1,recompute=none]")
     p.add_argument("--top", type=int, default=10, help="layouts to list (0 = all feasible)")
     p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
@@ -81,25 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _media(args) -> MediaAssumptions:
-    kw = {}
-    if args.media_fraction:
-        fractions = dict(MediaAssumptions().media_fraction)
-        for item in args.media_fraction.split(","):
-            key, _, value = item.partition("=")
-            try:
-                fractions[key.strip()] = float(value)
-            except ValueError:
-                raise ConfigError(f"--media-fraction item {item!r} must look like image=0.75") from None
-        kw["media_fraction"] = fractions
-    if args.audio_seconds is not None:
-        kw["audio_seconds"] = args.audio_seconds
-    return MediaAssumptions(**kw)
+def _media(args, path: str) -> MediaAssumptions:
+    """Media per row: measured on the stage's data (--media-from-data), else the defaults; the
+    --media-fraction / --audio-seconds flags win over both."""
+    base = MediaAssumptions()
+    if args.media_from_data:
+        from megatron_omni.config.loader import load_config
+        from megatron_omni.planner.media_stats import measure_media
+
+        base = measure_media(load_config(path, args.overrides))
+    fractions = dict(base.media_fraction)
+    for item in (args.media_fraction or "").split(","):
+        if not item.strip():
+            continue
+        key, _, value = item.partition("=")
+        try:
+            fractions[key.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--media-fraction item {item!r} must look like image=0.75") from None
+    seconds = base.audio_seconds if args.audio_seconds is None else args.audio_seconds
+    return MediaAssumptions(media_fraction=fractions, audio_seconds=seconds, source=base.source)
 
 
 def load_job(args, path: Optional[str] = None) -> Job:
     return jobs.load_job(path or args.model, args.overrides, seq_len=args.seq_len, global_batch=args.global_batch,
-                         precision=args.precision, media=_media(args))
+                         precision=args.precision, media=_media(args, path or args.model))
 
 
 def _assumptions(args) -> Assumptions:
@@ -161,8 +170,9 @@ def _print_table(report: Dict, gpu_mem: float) -> None:
         mix = ", ".join(f"{m} {100 * v:.0f}%" for m, v in shares.items()) if shares else "-"
         print(f"  microbatch mix ({o['scheduler_mode']}): {mix}; Table 2 limits: {o['max_image_tokens']} image "
               f"tokens, {o['max_video_frames']} video frames")
-        print(f"  assumed media share of a row {o['media_fraction_assumed']}, audio clips "
-              f"{o['audio_seconds_assumed']:.0f} s (--media-fraction, --audio-seconds); '1st' = decoder layers "
+        media = ", ".join(f"{m} {v:.2f}" for m, v in o["media_fraction"].items())
+        print(f"  media share of a row: {media}, audio clips {o['audio_seconds']:.1f} s ({o['media_source']}; "
+              f"--media-from-data, --media-fraction, --audio-seconds); '1st' = decoder layers "
               f"on the encoders' stage (parallel.first_stage_num_layers), '+enc' = encoder recompute")
     s = report.get("search")
     if s:

@@ -62,6 +62,7 @@ class MediaAssumptions:
     media_fraction: Mapping[str, float] = field(
         default_factory=lambda: {"image": 0.75, "video": 0.85, "audio": 0.5})
     audio_seconds: float = 30.0
+    source: str = "assumed"  # or what they were measured on (planner/media_stats.py)
 
     def __post_init__(self):
         for m, f in self.media_fraction.items():
@@ -206,8 +207,8 @@ class OmniWorkload:
             "pure_text_share": self.balance.pure_text_share, "freeze": list(self.omni.freeze),
             "lora_fraction": self.lora_fraction, "max_image_tokens": self.max_image_tokens,
             "max_video_frames": self.max_video_frames,
-            "media_fraction_assumed": dict(self.media.media_fraction),
-            "audio_seconds_assumed": self.media.audio_seconds,
+            "media_fraction": dict(self.media.media_fraction), "audio_seconds": self.media.audio_seconds,
+            "media_source": self.media.source,
         }
 
 

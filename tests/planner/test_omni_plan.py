@@ -144,3 +144,25 @@ def test_cli_omni_json_and_chain():
     bad = subprocess.run(plan + ["--model", "configs/model/llama3_70b.yaml", "--gpus", "64"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "give --global-batch" in bad.stderr
+
+
+def test_media_measured_on_the_stage_data(tmp_path):
+    """--media-from-data reads the stage's own packed rows: the demo clips last 1, 1.5 or 2 s
+    (tools/make_demo_data.py), and the measured shares replace the assumed ones in the plan."""
+    from megatron_omni.planner.media_stats import measure_media
+
+    demo = tmp_path / "demo"
+    subprocess.run([sys.executable, "tools/make_demo_data.py", "--out", str(demo)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    media = measure_media(load_config("configs/tiny/stages/pt3.yaml", [f"data.root={demo}"]), microbatches=2)
+    assert set(media.media_fraction) == {"image", "video", "audio"}
+    assert all(0.0 < f < 1.0 for f in media.media_fraction.values())
+    assert 0.9 <= media.audio_seconds <= 2.0  # fbank frames / 100: window edges drop a few frames
+    assert media.source.startswith("measured") and str(demo) in media.source
+    out = subprocess.run([sys.executable, "tools/plan.py", "--model", "configs/tiny/stages/pt3.yaml", "--gpus", "8",
+                          "--json", "--top", "1", "--media-from-data", "--media-fraction", "audio=0.3",
+                          f"data.root={demo}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    omni = json.loads(out.stdout)["omni"]
+    assert omni["media_source"].startswith("measured") and omni["media_fraction"]["audio"] == 0.3  # the flag wins
+    assert 0.0 < omni["media_fraction"]["image"] < 1.0
