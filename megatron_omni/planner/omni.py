@@ -31,8 +31,9 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 
 from megatron_omni.balance import ModalityRoundScheduler, SchedulerConfig
+from megatron_omni.balance.config import TEXT
 from megatron_omni.config.loader import ConfigError
-from megatron_omni.config.schema import OmniConfig, RunConfig
+from megatron_omni.config.schema import OMNI_MODULES, OmniConfig, RunConfig
 from megatron_omni.models.audio.config import AudioConfig, audio_token_count, encoder_frame_count
 from megatron_omni.models.vision.config import VisionConfig
 from megatron_omni.training.encoder_flops import (
@@ -42,8 +43,7 @@ from megatron_omni.training.encoder_flops import (
     vision_forward_flops_by_module,
 )
 
-TEXT = "text"
-ENCODER_MODULES = ("vision_encoder", "vision_connector", "audio_encoder", "audio_connector")
+ENCODER_MODULES = tuple(m for m in OMNI_MODULES if m != "llm")
 # Which encoder a modality's media go through.
 MEDIA_ENCODER = {"image": "vision", "video": "vision", "audio": "audio"}
 FBANK_FRAMES_PER_S = 100  # 10 ms hop (data/media: Kaldi fbank)

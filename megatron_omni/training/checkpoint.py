@@ -212,11 +212,11 @@ def _load_optimizer(optimizer, state_dict) -> None:
             sub.optimizer.state[p]["step"] = step.clone()
 
 
-def _drop_new_adapters(sd: Dict[str, Any], path: str) -> set:
+def _drop_new_adapters(sd: Dict[str, Any], stored: Dict[str, Any]) -> set:
     """Starting LoRA fine-tuning from a checkpoint without adapters (the alignment stage from
     IT-3): the adapters' entries are not in it, so they are not requested and keep their fresh
-    init (B = 0: the model starts as the checkpoint).  Returns the dropped parameter names."""
-    stored = dist_checkpointing.load_tensors_metadata(path)
+    init (B = 0: the model starts as the checkpoint).  `stored` is the checkpoint's tensor
+    metadata.  Returns the dropped parameter names."""
     dropped = set()
     for key in [k for k in sd if k.startswith("model")]:
         for name in list(sd[key]):
@@ -227,13 +227,12 @@ def _drop_new_adapters(sd: Dict[str, Any], path: str) -> set:
     return dropped
 
 
-def _check_model_matches(sd: Dict[str, Any], path: str) -> None:
+def _check_model_matches(sd: Dict[str, Any], stored: Dict[str, Any], path: str) -> None:
     """Before loading: every model tensor this run asks for must be in the checkpoint with the same
     global shape.  One message for what is missing or reshaped, instead of a storage error deep
     in dist_checkpointing (typically an LLM-only checkpoint given to an omni run)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    stored = dist_checkpointing.load_tensors_metadata(path)
     missing, reshaped = [], []
     for key in [k for k in sd if k.startswith("model")]:
         for entry in sd[key].values():
@@ -291,8 +290,9 @@ def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> 
         get_default_load_sharded_strategy(path),
         parallel_state.get_data_parallel_group(with_context_parallel=True),
     )
-    new_adapters = _drop_new_adapters(sd, path) if finetune else set()
-    _check_model_matches(sd, path)
+    stored = dist_checkpointing.load_tensors_metadata(path)
+    new_adapters = _drop_new_adapters(sd, stored) if finetune else set()
+    _check_model_matches(sd, stored, path)
     loaded = dist_checkpointing.load(sd, path, sharded_strategy=strategy)
     chunks = [unwrap(chunk) for chunk in state.model]
     model_keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]

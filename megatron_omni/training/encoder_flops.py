@@ -19,7 +19,7 @@ from typing import Dict
 
 import torch
 
-from megatron_omni.config.schema import OmniConfig
+from megatron_omni.config.schema import OMNI_MODULES, OmniConfig
 from megatron_omni.models.audio.config import AudioConfig, audio_token_count, encoder_frame_count
 from megatron_omni.models.vision.config import VisionConfig
 from megatron_omni.training.flops import FMA_FACTOR, FWD_BWD_FACTOR, attention_forward_flops, mlp_forward_flops
@@ -68,7 +68,7 @@ def audio_forward_flops(cfg: AudioConfig, frames: torch.Tensor) -> float:
 UPSTREAM = {
     "vision_encoder": (), "vision_connector": ("vision_encoder",),
     "audio_encoder": (), "audio_connector": ("audio_encoder",),
-    "llm": ("vision_encoder", "vision_connector", "audio_encoder", "audio_connector"),
+    "llm": tuple(m for m in OMNI_MODULES if m != "llm"),
 }
 
 
