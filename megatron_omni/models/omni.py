@@ -74,8 +74,11 @@ class OmniModel(GPTModel):
         # swapped in after construction because upstream builds it on the CUDA device directly.
         self.position_embedding_type = "mrope"
         self.mrope_section = list(omni.mrope_section)
+        # The backbone's Llama-3.1 frequency scaling carries over (text positions stay the LLM's RoPE).
         self.rotary_pos_emb = MRoPEEmbedding(
-            kv_channels=head_dim, rotary_base=gpt_kwargs.get("rotary_base", 10000))
+            kv_channels=head_dim, rotary_base=gpt_kwargs.get("rotary_base", 10000),
+            rope_scaling=gpt_kwargs.get("rope_scaling", False),
+            rope_scaling_factor=gpt_kwargs.get("rope_scaling_factor", 8.0))
         self.vocab = vocab
         self.omni = omni
         self.vision = self.audio = None

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from megatron.core.models.common.embeddings import rope_utils as _mc_rope_utils
-from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding, RotaryEmbedding
 
 __all__ = [
     "mrope_position_ids",
@@ -374,6 +374,8 @@ class MRoPEEmbedding(MultimodalRotaryEmbedding):
         rotary_base: int = 10000,
         cp_group=None,
         device=None,
+        rope_scaling: bool = False,
+        rope_scaling_factor: float = 8.0,
     ) -> None:
         nn.Module.__init__(self)
         dim = kv_channels
@@ -386,6 +388,8 @@ class MRoPEEmbedding(MultimodalRotaryEmbedding):
         inv_freq = 1.0 / (
             rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
         )
+        if rope_scaling:  # Llama-3.1 "llama3" scaling, megatron's own (RotaryEmbedding._apply_scaling)
+            inv_freq = RotaryEmbedding._apply_scaling(self, inv_freq, factor=rope_scaling_factor)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         if cp_group is None:
             from megatron.core import parallel_state

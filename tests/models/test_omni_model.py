@@ -109,8 +109,7 @@ def test_mrope_on_text_equals_bare_llama_rope(world):
     from megatron_omni.models.llama import gpt_model_kwargs
 
     llm, omni, model, data = world
-    plain = llm.__class__(**{**llm.__dict__, "rope_scaling": False})  # M-RoPE has no llama3 scaling
-    (kw,) = gpt_model_kwargs(plain, ParallelConfig(), seq_length=SEQ, params_dtype=torch.float32,
+    (kw,) = gpt_model_kwargs(llm, ParallelConfig(), seq_length=SEQ, params_dtype=torch.float32,
                              vocab_size=model.vocab.size)
     bare = GPTModel(**kw).eval()
     missing, unexpected = bare.load_state_dict(

@@ -1,6 +1,6 @@
 """Paraformer-style SANM audio encoder (the M2-omni paper's choice) with low-frame-rate stacking.
 
-    fbank [B, n_mels, N] --LFR (stack lfr_m frames, hop lfr_n)--> [B, ceil(N/lfr_n), lfr_m*n_mels]
+    fbank [B, n_mels, N] --LFR (stack lfr_m frames, hop lfr_n)--> [B, ceil(N/lfr_n), lfr_m*n_mels] --CMVN-->
     * sqrt(d_model) + sinusoidal positions (1-based)
     -> SANM layers: x = x + SelfAttn(LN(x)) + FSMN(V)   (layer 0 maps lfr_m*n_mels -> d, no residual)
                     x = x + FFN_relu(LN(x))
@@ -44,6 +44,20 @@ def lfr_stack(features: Tensor, lengths: Tensor, m: int, n: int) -> Tuple[Tensor
     x = features.transpose(1, 2)  # [B, N, C]
     g = torch.gather(x, 1, src.reshape(B, T * m, 1).expand(B, T * m, C))
     return g.reshape(B, T, m * C), out_len
+
+
+class CMVN(nn.Module):
+    """Global mean/variance normalisation of the LFR frames, FunASR's `apply_cmvn`: (x + shift) * scale
+    (Paraformer's am.mvn: shift = -mean, scale = 1/std).  Fixed statistics, not trained; identity
+    (shift 0, scale 1) unless loaded from a pretrained model (convert/omni_import.py)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(dim), requires_grad=False)
+        self.scale = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x + self.shift.to(x.dtype)) * self.scale.to(x.dtype)
 
 
 class SANMAttention(nn.Module):
@@ -103,6 +117,7 @@ class SANMEncoder(ConnectedAudioEncoder):
             [SANMLayer(in_size if i == 0 else audio.d_model, audio) for i in range(audio.num_layers)]
         )
         self.final_layernorm = nn.LayerNorm(audio.d_model, eps=audio.layernorm_epsilon)
+        self.cmvn = CMVN(in_size)
         self.connector = AudioConnector(audio, config, audio.d_model) if with_connector else None
 
     def encode(self, features: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -110,6 +125,7 @@ class SANMEncoder(ConnectedAudioEncoder):
         B, _, N = features.shape
         lengths = self.valid_lengths(features, lengths)
         x, enc_lengths = lfr_stack(features, lengths, self.audio.lfr_m, self.audio.lfr_n)
+        x = self.cmvn(x)
         assert torch.equal(enc_lengths, encoder_frame_count(lengths, self.audio))
         T = x.shape[1]
         valid = torch.arange(T, device=x.device)[None, :] < enc_lengths[:, None]

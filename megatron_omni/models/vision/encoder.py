@@ -214,6 +214,10 @@ def vision_layer_spec(kernels: Kernels) -> ModuleSpec:
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
                 linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
             mlp_bda=get_bias_dropout_add,
+            # Checkpoint keys as the TE layers name them (megatron's local GPT spec does the same), so
+            # a checkpoint written with local layers (CPU) loads into TE layers (GPU) and back.
+            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                                         "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
         ),
     )
 
