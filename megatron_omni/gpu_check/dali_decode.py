@@ -4,7 +4,8 @@
 
 * images: PNG (lossless: equal up to rounding) and JPEG (decoder differences), sizes a multiple of
   28 so neither path resizes; mean |d| of the CLIP-normalised patches <= 0.02, max <= 0.3.
-* video (needs PyAV to write the clips): VP9 WebM and H.264 MP4, same frames sampled.
+* video (needs PyAV to write the clips): VP9 WebM and H.264 MP4, same frames sampled; mean |d| <= 0.05,
+  max <= 0.6 (a few 8-bit levels).
 * audio (needs PyAV, the loader's audio path imports it): a WAV chirp, waveform max |d| <= 1e-4.
 """
 
@@ -19,6 +20,8 @@ from megatron_omni.gpu_check.result import CheckResult, judged, skipped
 CHECKS = ("dali_gpu_vs_cpu_decode",)
 BUDGET_S = {"quick": 40, "full": 60}
 IMAGE_TOL_MEAN, IMAGE_TOL_MAX, AUDIO_TOL = 0.02, 0.3, 1e-4
+# two video decoders of one stream differ by a few 8-bit levels (0.05 ~ 3 levels after CLIP normalisation)
+VIDEO_TOL_MEAN, VIDEO_TOL_MAX = 0.05, 0.6
 
 
 def dali_missing() -> Optional[str]:
@@ -79,7 +82,7 @@ def _check(ctx: CheckContext) -> CheckResult:
             b = load_video(path, vision=vision, max_frames=8, max_tokens=4096, backend="pyav")
             d = {**_diff(a.pixel_values, b.pixel_values), "same_grid": bool((a.grid_thw == b.grid_thw).all())}
             numbers[codec] = d
-            ok = ok and d["same_grid"] and d["mean_abs"] <= IMAGE_TOL_MEAN and d["max_abs"] <= IMAGE_TOL_MAX
+            ok = ok and d["same_grid"] and d["mean_abs"] <= VIDEO_TOL_MEAN and d["max_abs"] <= VIDEO_TOL_MAX
         path = ctx.path("dali", "chirp.wav")
         synth.write_audio(path, synth.chirp(1.0, 16000), 16000)
         a, b = load_waveform(path, backend="dali"), load_waveform(path, backend="pyav")

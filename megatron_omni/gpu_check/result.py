@@ -46,3 +46,12 @@ def max_rel_diff(values, reference) -> float:
             return math.inf
         out = max(out, abs(v - r) / max(abs(r), 1e-12))
     return out
+
+
+def all_finite(values) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def sig(x) -> str:
+    """A number for a one-line reason: 3 significant digits, or n/a."""
+    return "n/a" if x is None else f"{x:.3g}"

@@ -19,7 +19,7 @@ import time
 from typing import Callable, Dict, List, Tuple
 
 from megatron_omni.gpu_check.context import CheckContext, config_path
-from megatron_omni.gpu_check.result import CheckResult, judged
+from megatron_omni.gpu_check.result import CheckResult, all_finite, judged, sig
 
 CHECKS = ("llm_8b_width_throughput", "vit_600m_throughput")
 BUDGET_S = {"quick": 100, "full": 170}
@@ -134,12 +134,12 @@ def _llm(ctx: CheckContext) -> CheckResult:
     if run.peak_memory_bytes is not None:
         numbers["peak_memory_over_planner"] = numbers["peak_memory_gib"] / pred["memory_gib_without_overhead"]
     agree = abs(numbers["tokens_per_s_measured_over_predicted"] - 1) <= PLANNER_AGREEMENT
-    finite = all(x == x and abs(x) != float("inf") for x in run.losses)
+    finite = all_finite(run.losses)
     mem = "" if run.peak_memory_bytes is None else (
         f"; peak {numbers['peak_memory_gib']:.1f} GiB vs planner {pred['memory_gib_without_overhead']:.1f} GiB")
     mfu = "n/a" if thr["mfu"] is None else f"{100 * thr['mfu']:.1f} %"
     return judged("llm_8b_width_throughput", finite and thr["tokens_per_s"] > 0,
-                  f"{thr['tokens_per_s']:.0f} tokens/s, {thr['tflops_per_gpu']:.1f} TFLOP/s, MFU {mfu} "
+                  f"{thr['tokens_per_s']:.0f} tokens/s, {sig(thr['tflops_per_gpu'])} TFLOP/s, MFU {mfu} "
                   f"(planner {pred['tokens_per_s']:.0f} tokens/s, {'within' if agree else 'outside'} "
                   f"{100 * PLANNER_AGREEMENT:.0f} %){mem}; {'TE' if te else 'local'} layers", **numbers)
 
@@ -187,11 +187,11 @@ def _vit(ctx: CheckContext) -> CheckResult:
         "transformer_engine": encoder.kernels.transformer_engine,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else None,
     }
-    finite = all(x == x and abs(x) != float("inf") for x in losses)
+    finite = all_finite(losses)
     mfu_s = "n/a" if mfu is None else f"{100 * mfu:.1f} %"
     return judged("vit_600m_throughput", finite,
                   f"{n / seconds:.0f} patches/s ({merged / seconds:.0f} merged tokens/s) on {len(grids)} packed "
-                  f"images, {tflops:.1f} TFLOP/s, MFU {mfu_s}", **numbers)
+                  f"images, {sig(tflops)} TFLOP/s, MFU {mfu_s}", **numbers)
 
 
 def run(ctx: CheckContext, emit: Callable[[CheckResult], None]) -> None:

@@ -73,6 +73,13 @@ def train_run_main(spec_json: str) -> int:
     return 0
 
 
+def third_party_modules() -> List[str]:
+    """Top-level non-stdlib modules this process imported (what a bare machine must have)."""
+    names = {m.split(".")[0] for m in list(sys.modules)}
+    return sorted(n for n in names if n not in sys.stdlib_module_names and not n.startswith("_")
+                  and n != "megatron_omni")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_omni.gpu_check.worker")
     p.add_argument("--group")
@@ -90,7 +97,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return train_run_main(args.train_run)
         from megatron_omni.gpu_check.context import CheckContext
 
-        return run_group(args.group, CheckContext.from_json(args.ctx), args.results)
+        rc = run_group(args.group, CheckContext.from_json(args.ctx), args.results)
+        with open(args.results.replace(".results.jsonl", ".imports.json"), "w") as f:
+            json.dump(third_party_modules(), f)
+        return rc
     finally:
         destroy_distributed()
 
