@@ -45,7 +45,7 @@ def environment() -> Dict:
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.6g}"
     if isinstance(v, (list, tuple)) and len(v) > 6:
         return "[" + ", ".join(_fmt(x) for x in v[:6]) + ", ...]"
     if isinstance(v, (list, tuple)):
