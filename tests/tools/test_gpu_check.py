@@ -55,3 +55,27 @@ def test_judging_and_report(tmp_path):
     assert [c["name"] for c in stored["checks"]] == ["a", "b", "c", "d"] and stored["pending"] == ["e"]
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| b | fail | off by 2 % |" in md and "not reached: e" in md and "- x: 1.5" in md
+
+
+def _per_sample_sdpa(q, k, v, cu_seqlens, *, backend="sdpa"):
+    """An independent packed attention: torch SDPA (causal) sample by sample, GQA by repeating KV."""
+    import torch
+
+    rep = q.shape[1] // k.shape[1]
+    outs = []
+    for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)))
+        outs.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1))
+    out = torch.cat(outs)
+    return out if backend == "sdpa" else out.roll(1, dims=0)  # "shifted": wrong on purpose
+
+
+def test_packed_attention_check_judges_backends(tmp_path, monkeypatch):
+    from megatron_omni.gpu_check import packed_attention as pa
+
+    monkeypatch.setattr(pa, "find_backends", lambda: (_per_sample_sdpa, ["sdpa", "shifted"], ""))
+    result = pa._check(CheckContext(out=str(tmp_path), device="cpu"))
+    backends = result.numbers["backends"]
+    assert backends["sdpa"]["ok"] and max(backends["sdpa"]["rel_err"].values()) < pa.BF16_TOL
+    assert not backends["shifted"]["ok"]
+    assert result.status == FAIL and "sdpa ok, shifted FAILED" in result.reason
