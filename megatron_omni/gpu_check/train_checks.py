@@ -66,38 +66,46 @@ def _wait_share(summary) -> Dict[str, float]:
 
 
 def run(ctx: CheckContext, emit: Callable[[CheckResult], None]) -> None:
+    import traceback
+
     from megatron_omni.gpu_check.runs import finish_reference, set_fp32_exact, start_cpu_reference, train_run
+    from megatron_omni.gpu_check.worker import error_text
 
     fp32 = _overrides("fp32")
     ref_out = ctx.path("train", "cpu_fp32", "")
     reference = start_cpu_reference(CONFIG, fp32, out=ref_out, steps=STEPS)
-    gpu_fp32 = None
+    gpu_fp32 = fp32_error = None
     try:
         set_fp32_exact(True)
         gpu_fp32 = train_run(CONFIG, fp32, out=ctx.path("train", "gpu_fp32", ""), steps=STEPS)
+    except Exception as e:  # noqa: BLE001 - reported; the bf16 run and the loader check still run
+        traceback.print_exc()
+        fp32_error = error_text(e)
     finally:
         set_fp32_exact(False)
-        cpu_losses = finish_reference(reference, ref_out, timeout=BUDGET_S["full"])
-        if gpu_fp32 is not None:
-            d = max_rel_diff(gpu_fp32.losses, cpu_losses)
-            emit(judged("cuda_fp32_vs_cpu", d <= FP32_TOL,
-                        f"{STEPS} fp32 steps on {ctx.device} vs the CPU-emulated run of the same seed: "
-                        f"max relative loss difference {d:.2e} (tolerance {FP32_TOL:g})",
-                        device_losses=gpu_fp32.losses, cpu_losses=cpu_losses, max_rel_diff=d))
-
-    from megatron_omni.gpu_check.worker import error_text
+    cpu_losses = finish_reference(reference, ref_out, timeout=BUDGET_S["full"])
+    if gpu_fp32 is None:
+        emit(CheckResult("cuda_fp32_vs_cpu", FAIL, f"the fp32 {ctx.device} run failed: {fp32_error}",
+                         {"cpu_losses": cpu_losses}))
+    else:
+        d = max_rel_diff(gpu_fp32.losses, cpu_losses)
+        emit(judged("cuda_fp32_vs_cpu", d <= FP32_TOL,
+                    f"{STEPS} fp32 steps on {ctx.device} vs the CPU-emulated run of the same seed: "
+                    f"max relative loss difference {d:.2e} (tolerance {FP32_TOL:g})",
+                    device_losses=gpu_fp32.losses, cpu_losses=cpu_losses, max_rel_diff=d))
 
     bf16 = bf16_error = None
     try:
         bf16 = train_run(CONFIG, _overrides("bf16"), out=ctx.path("train", "gpu_bf16", ""),
                          steps=_bf16_steps(ctx), warmup=2)
     except Exception as e:  # noqa: BLE001 - reported as this check's failure; the loader check goes on
-        import traceback
-
         traceback.print_exc()
         bf16_error = error_text(e)
     if bf16 is None:
         emit(CheckResult("bf16_vs_fp32", FAIL, f"the bf16 run failed: {bf16_error}"))
+    elif gpu_fp32 is None:
+        emit(CheckResult("bf16_vs_fp32", FAIL, "the bf16 run ran but the fp32 run it is compared with failed",
+                         {"bf16_losses": bf16.losses}))
     else:
         n = min(len(bf16.losses), len(gpu_fp32.losses))
         d = max_rel_diff(bf16.losses[:n], gpu_fp32.losses[:n])
@@ -113,6 +121,8 @@ def run(ctx: CheckContext, emit: Callable[[CheckResult], None]) -> None:
         source = f"demo data {ctx.data_root} (PT-3 blend)"
     else:
         run_ = bf16 or gpu_fp32
+        if run_ is None:
+            raise RuntimeError("both the fp32 and the bf16 runs failed: no step to measure the loader wait in")
         summary = run_.summary
         source = (f"mock rows (data.mock=true) of the {'bf16' if bf16 else 'fp32 (bf16 failed)'} run; "
                   "--data-root DIR for the demo data")

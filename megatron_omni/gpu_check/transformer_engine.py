@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Callable, Dict, List, Optional
 
 from megatron_omni.gpu_check.context import CheckContext, config_path
@@ -38,7 +39,7 @@ def te_missing() -> Optional[str]:
     if not torch.cuda.is_available():
         return "no CUDA device (Transformer Engine runs on CUDA only)"
     try:
-        import transformer_engine.pytorch  # noqa: F401
+        importlib.import_module("transformer_engine.pytorch")
     except Exception as e:  # noqa: BLE001 - ImportError or a broken install
         return f"Transformer Engine is not importable ({type(e).__name__}: {e}); the NGC PyTorch container has it"
     return None
@@ -51,7 +52,7 @@ def fp8_overrides(recipe: Optional[str]) -> List[str]:
 
 def plan(ctx: CheckContext) -> Dict[str, Dict]:
     from megatron_omni.config import load_config
-    from megatron_omni.models import rope  # noqa: F401
+    importlib.import_module("megatron_omni.models.rope")  # the check's imports resolve
 
     for r in (None, *FP8_RECIPES):
         load_config(TEXT_CONFIG, fp8_overrides(r))
