@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One-command acceptance check of every CUDA path on one GPU (thin CLI over megatron_omni.gpu_check).
 
-    python tools/gpu_check.py --out DIR [--quick] [--only train,throughput] [--data-root DEMO_DATA]
+    python tools/gpu_check.py --out DIR [--quick] [--budget S] [--only train,throughput] [--data-root DEMO_DATA]
     python tools/gpu_check.py --out DIR --dry-run          # CPU: build every check's config, list them
     python tools/gpu_check.py --out DIR --device cpu       # the checks' logic on tiny sizes, no GPU
 
@@ -31,6 +31,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: run the checks' logic on tiny sizes through the CUDA emulation (no GPU)")
     p.add_argument("--only", help="comma-separated groups: train,throughput,packed_attention,transformer_engine,dali")
+    p.add_argument("--budget", type=float,
+                   help="seconds for the whole run (default 450, 220 with --quick): no group starts with under "
+                        "20 s left and each group stops at what is left")
     p.add_argument("--data-root", help="demo data (tools/make_demo_data.py) for the loader-wait check; "
                                        "default: mock rows")
     return p.parse_args(argv)
@@ -67,7 +70,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("gpu_check: error: no CUDA device; use --device cpu (logic on tiny sizes) or --dry-run",
               file=sys.stderr)
         return 2
-    report = run_all(ctx, groups, argv=raw)
+    report = run_all(ctx, groups, argv=raw, budget_s=args.budget)
     s = report["summary"]
     print(f"gpu_check: {s['pass']} pass, {s['fail']} fail, {s['skipped']} skipped in {report['seconds']:.0f} s; "
           f"{os.path.join(out, 'gpu_check.md')}")

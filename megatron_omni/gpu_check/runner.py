@@ -94,27 +94,29 @@ def run_group(ctx: CheckContext, name: str, limit_s: float) -> List[CheckResult]
     return out
 
 
-def run_all(ctx: CheckContext, groups: Sequence[str], *, argv: Sequence[str] = ()) -> Dict:
-    """Run `groups` in order; gpu_check.json / .md are rewritten after every group (a killed run
-    keeps what finished)."""
+def run_all(ctx: CheckContext, groups: Sequence[str], *, argv: Sequence[str] = (),
+            budget_s: Optional[float] = None) -> Dict:
+    """Run `groups` in order within `budget_s` (default TOTAL_BUDGET_S of the mode; none on CPU);
+    gpu_check.json / .md are rewritten after every group (a killed run keeps what finished)."""
     env = environment()
     start = time.monotonic()
-    budget = None if ctx.cpu else TOTAL_BUDGET_S[mode(ctx)]
+    budget = budget_s if budget_s is not None else (None if ctx.cpu else TOTAL_BUDGET_S[mode(ctx)])
     results: List[CheckResult] = []
     pending = {g: list(group(g).CHECKS) for g in groups}
     for g in groups:
         left = None if budget is None else budget - (time.monotonic() - start)
         if left is not None and left < MIN_GROUP_S:
-            results += [CheckResult(c, SKIPPED, f"time budget of {budget} s used up before group '{g}'")
-                        for c in pending.pop(g)]
-            continue
-        limit = CPU_GROUP_LIMIT_S if ctx.cpu else min(group(g).BUDGET_S[mode(ctx)], left)
-        print(f"gpu_check: group {g} ({', '.join(pending[g])}), limit {limit:.0f} s", flush=True)
-        group_results = run_group(ctx, g, limit)
+            group_results = [CheckResult(c, SKIPPED, f"time budget of {budget:.0f} s used up before group '{g}'")
+                             for c in group(g).CHECKS]
+        else:
+            limit = group(g).BUDGET_S[mode(ctx)] if not ctx.cpu else CPU_GROUP_LIMIT_S
+            limit = limit if left is None else min(limit, left)
+            print(f"gpu_check: group {g} ({', '.join(pending[g])}), limit {limit:.0f} s", flush=True)
+            group_results = run_group(ctx, g, limit)
         pending.pop(g)
         results += group_results
         for r in group_results:
             print(f"gpu_check:   {r.name}: {r.status} ({r.seconds or 0:.1f} s) {r.reason}", flush=True)
-        report = write_report(ctx, results, env, seconds=time.monotonic() - start, argv=argv,
-                              pending=[c for cs in pending.values() for c in cs])
-    return report
+        write_report(ctx, results, env, seconds=time.monotonic() - start, argv=argv,
+                     pending=[c for cs in pending.values() for c in cs])
+    return write_report(ctx, results, env, seconds=time.monotonic() - start, argv=argv)

@@ -79,3 +79,13 @@ def test_packed_attention_check_judges_backends(tmp_path, monkeypatch):
     assert backends["sdpa"]["ok"] and max(backends["sdpa"]["rel_err"].values()) < pa.BF16_TOL
     assert not backends["shifted"]["ok"]
     assert result.status == FAIL and "sdpa ok, shifted FAILED" in result.reason
+
+
+def test_exhausted_budget_skips_groups_and_still_reports(tmp_path):
+    from megatron_omni.gpu_check.runner import run_all
+
+    ctx = CheckContext(out=str(tmp_path), device="cpu")
+    report = run_all(ctx, ["packed_attention", "dali"], budget_s=0)
+    assert [c["status"] for c in report["checks"]] == [SKIPPED, SKIPPED]
+    assert "time budget of 0 s used up before group 'dali'" in (tmp_path / "gpu_check.md").read_text()
+    assert not (tmp_path / "logs").exists()  # no group process was started
