@@ -159,6 +159,8 @@ def _vit(ctx: CheckContext) -> CheckResult:
     dtype = torch.float32 if ctx.cpu else torch.bfloat16
     device = torch.device("cpu" if ctx.cpu else "cuda")
     encoder = NaViTEncoder(vision, params_dtype=dtype).to(device)
+    for p in encoder.parameters():  # without DDP: TE / apex weight-gradient fusion accumulates into main_grad
+        p.main_grad = torch.zeros_like(p, dtype=torch.float32)
     grid = torch.tensor(grids)
     n = int(grid.prod(-1).sum())
     gen = torch.Generator().manual_seed(0)

@@ -91,6 +91,7 @@ def _spec_vs_local(ctx: CheckContext) -> CheckResult:
     def build(impl: str):
         model = dataclasses.replace(cfg.model, transformer_impl=impl)
         kw = gpt_model_kwargs(model, cfg.parallel, seq_length=seq, params_dtype=torch.bfloat16)[0]
+        kw["config"].gradient_accumulation_fusion = False  # no DDP here: gradients go to .grad, not main_grad
         return GPTModel(**kw).cuda()
 
     local = build("local")
@@ -109,8 +110,7 @@ def _spec_vs_local(ctx: CheckContext) -> CheckResult:
         # no mask: both specs apply their causal mask type (local: megatron's default causal mask)
         loss = model(inputs, position_ids, None, labels=labels).float().mean()
         loss.backward()
-        return loss.item(), {n: p.grad.float() if p.grad is not None else p.main_grad.float()
-                             for n, p in model.named_parameters()}
+        return loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
 
     l_loss, l_grads = loss_and_grads(local)
     t_loss, t_grads = loss_and_grads(te)
