@@ -50,3 +50,11 @@ def detect_kernels(transformer_impl: str = "auto") -> Kernels:
     kernels = Kernels(transformer_engine=use_te, apex=cuda and _importable("apex"), cuda=cuda)
     log.info("kernels: %s", kernels.description)
     return kernels
+
+
+@functools.lru_cache(maxsize=None)
+def megatron_softmax_kernels() -> bool:
+    """apex's fused softmax extensions, which megatron's `FusedScaleMaskSoftmax` imports (without a
+    fallback) for fp16/bf16 scores with sk <= 4096 when `masked_softmax_fusion` is on."""
+    return all(_importable(n) for n in (
+        "scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda", "scaled_softmax_cuda"))

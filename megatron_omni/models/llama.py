@@ -16,7 +16,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_omni.config.schema import ModelConfig, ParallelConfig
-from megatron_omni.models.kernels import Kernels, detect_kernels
+from megatron_omni.models.kernels import Kernels, detect_kernels, megatron_softmax_kernels
 
 
 def transformer_config(
@@ -72,7 +72,7 @@ def transformer_config(
         # Loss is summed over tokens and divided by the global token count once, so the step
         # is the same mean-token loss at every DP/PP/microbatch split.
         calculate_per_token_loss=True,
-        masked_softmax_fusion=fused,
+        masked_softmax_fusion=fused and megatron_softmax_kernels(),
         bias_activation_fusion=fused,
         bias_dropout_fusion=fused,
         apply_rope_fusion=kernels.transformer_engine,

@@ -33,6 +33,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from torch import Tensor, nn
 
+from megatron_omni.models.kernels import megatron_softmax_kernels
 from megatron_omni.models.encoder_config import bidirectional_encoder_config
 from megatron_omni.models.audio.config import AudioConfig, encoder_frame_count
 from megatron_omni.models.audio.connector import AudioConnector, ConnectedAudioEncoder
@@ -58,7 +59,7 @@ def encoder_transformer_config(
         params_dtype=params_dtype,
         tp=tp,
         recompute=audio.recompute,
-        masked_softmax_fusion=cuda,
+        masked_softmax_fusion=cuda and megatron_softmax_kernels(),
         # megatron's fused bias-GELU is the tanh approximation: keep the exact GELU.
         bias_activation_fusion=False,
         bias_dropout_fusion=cuda,
