@@ -397,6 +397,15 @@ class MRoPEEmbedding(MultimodalRotaryEmbedding):
             cp_group = parallel_state.get_context_parallel_group(check_initialized=False)
         self.cp_group = cp_group
 
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to ``inv_freq``, dtype casts do not: megatron's ``Float16Module``
+        casts the whole model to bf16/fp16, but upstream's forward multiplies ``inv_freq`` with
+        fp32 positions (and bf16 frequencies would lose the rotation's precision)."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
 
 def mrope_freqs(
     position_ids: Tensor,
