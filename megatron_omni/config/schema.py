@@ -107,6 +107,9 @@ class OptimizerConfig:
     # Encoders", e.g. 1e-6 in PT-2 with LR 1e-5); None = the encoders use `lr`.
     encoder_lr: Optional[float] = None
     encoder_min_lr: Optional[float] = None  # None = encoder_lr * min_lr / lr
+    # LR schedule after a resume whose lr/min_lr/warmup/decay differ from the checkpoint's:
+    # "config" (Megatron-LM --override-opt_param-scheduler) or "checkpoint" (--use-checkpoint-...).
+    resume_schedule: str = "config"
 
 
 @dataclass
@@ -139,6 +142,10 @@ class DataConfig:
     # Random microbatches of the configured model's shapes (Megatron-LM's --mock-data); for the
     # omni model: packed rows of every configured modality with random media.
     mock: bool = False
+    # Omni loader tolerance: stop with TooManyBadSamples when more than this share of the last
+    # `bad_window` samples of a modality could not be used (unreadable media, too long).
+    max_bad_fraction: float = 0.1
+    bad_window: int = 200
 
 
 @dataclass
@@ -170,6 +177,13 @@ class TrainConfig:
     # TP/PP/DP (gathers over DP at save); "dp_reshardable" is faster but reshards over DP only.
     ckpt_optimizer_sharding: str = "fully_reshardable"
     keep_last_checkpoints: Optional[int] = None  # None = keep all
+    # Start a fresh run (train.load empty or holding no checkpoint) although output_dir/checkpoints
+    # already holds checkpoints of another run, which it would overwrite (a typo in train.load).
+    allow_overwrite: bool = False
+    # Divergence guard (training/guards.py): a step with a NaN/Inf loss or gradient is skipped;
+    # after this many consecutive ones the run saves the last finite weights and stops (0 = off:
+    # megatron's DDP check raises at the first NaN gradient).
+    skip_nonfinite_steps: int = 3
 
 
 @dataclass

@@ -18,6 +18,7 @@ _CHOICES = {
     "train.ckpt_format": ("torch_dist",),
     "train.ckpt_optimizer_sharding": ("fully_reshardable", "dp_reshardable"),
     "data.tokenizer_type": ("sentencepiece", "huggingface", "null"),
+    "optimizer.resume_schedule": ("config", "checkpoint"),
 }
 
 
@@ -84,6 +85,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             f"launch a multiple of {model_parallel} processes"
         )
     dp = world_size // model_parallel
+    _validate_sizes(cfg)
     if (dp * p.cp) % p.ep:
         raise ConfigError(f"parallel.ep={p.ep} must divide dp*cp={dp * p.cp}")
     if t.global_batch_size % (t.micro_batch_size * dp):
@@ -121,6 +123,30 @@ def validate(cfg: RunConfig, world_size: int) -> None:
                               "demo one), or data.mock=true")
     elif not cfg.data.blend:
         raise ConfigError("data.blend is empty: name at least one data source (path: ..., weight: ...)")
+
+
+# (key, lowest allowed value, allow null): sizes and intervals that crash later when 0 or negative
+_MINIMUMS = (
+    ("train.micro_batch_size", 1, False), ("train.global_batch_size", 1, False), ("train.log_interval", 1, False),
+    ("data.seq_length", 1, False), ("train.save_interval", 1, True), ("train.exit_interval", 1, True),
+    ("train.eval_interval", 1, True), ("train.eval_iters", 1, False), ("train.keep_last_checkpoints", 1, True),
+    ("train.skip_nonfinite_steps", 0, False), ("data.bad_window", 1, False), ("data.num_workers", 0, False),
+    ("optimizer.lr", 0, False), ("optimizer.min_lr", 0, False), ("optimizer.lr_warmup_steps", 0, False),
+    ("optimizer.lr_decay_steps", 1, True), ("optimizer.clip_grad", 0, False),
+    ("parallel.distributed_timeout_minutes", 1, False),
+)
+
+
+def _validate_sizes(cfg: RunConfig) -> None:
+    for dotted, lowest, nullable in _MINIMUMS:
+        value = _get(cfg, dotted)
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < lowest:
+            raise ConfigError(f"{dotted}={value!r} must be a number >= {lowest}" + (" (or null)" if nullable else ""))
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be in [0, 1] (the share of the "
+                          "last data.bad_window samples of a modality that may be unusable)")
 
 
 def _validate_moe(cfg: RunConfig) -> None:

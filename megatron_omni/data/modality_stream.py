@@ -12,6 +12,7 @@ deterministic, so a restored stream yields the same microbatches as the uninterr
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import Counter, deque
@@ -30,6 +31,8 @@ __all__ = ["LoaderConfig", "ModalitySpec", "ModalityStream", "SampleSource", "To
 log = logging.getLogger("megatron_omni.data")
 
 STATE_VERSION = 1
+_KNOWN = "/known"  # reason suffix of a sample skipped from memory (not decoded again)
+_LOG_LOCK = threading.Lock()
 
 
 @runtime_checkable
@@ -68,6 +71,8 @@ class LoaderConfig:
     # Raise when more than this share of the last `bad_window` samples of a modality was skipped.
     max_bad_fraction: float = 0.1
     bad_window: int = 200
+    # Append one JSON line per distinct bad training sample here (None = log lines only).
+    bad_samples_log: Optional[str] = None
 
     def __post_init__(self):
         if self.seq_length < 1 or self.micro_batch_size < 1 or self.lookahead < 1:
@@ -116,6 +121,9 @@ class ModalityStream:
         self._pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix=f"decode-{modality}") \
             if config.decode_workers > 0 else None
         self._logged: set = set()
+        # Training samples that failed once (key -> reason): skipped again without decoding, and
+        # counted in the bad-sample window only the first time.  Saved with the position.
+        self.bad: Dict[Key, str] = {}
         self._logged_lock = threading.Lock()
         self._shards: Dict[int, Any] = {}  # epoch -> this rank's keys; the read-ahead may be an epoch ahead
         self._reset(epoch=0, cursor=0)
@@ -158,7 +166,10 @@ class ModalityStream:
 
     def _build(self, key: Key, sources: Optional[Sequence[SampleSource]] = None
                ) -> Tuple[Optional[OmniSample], Optional[str], Optional[BaseException]]:
-        """(sample, None, None) or (None, reason, exception); never raises for bad data."""
+        """(sample, None, None) or (None, reason, exception); never raises for bad data.  A training
+        sample known to be bad is not read again: (None, "<reason>" + _KNOWN, None)."""
+        if sources is None and key in self.bad:
+            return None, self.bad[key] + _KNOWN, None
         try:
             sample = (self.spec.sources if sources is None else sources)[key[0]][key[1]]
         except Exception as exc:  # any failure building one sample is that sample's problem
@@ -168,8 +179,9 @@ class ModalityStream:
 
     def _skip(self, key: Key, reason: str, exc: Optional[BaseException], *, count: bool = True,
               sources: Optional[Sequence[SampleSource]] = None) -> None:
+        reason = reason[:-len(_KNOWN)] if reason.endswith(_KNOWN) else reason
         if count:
-            self.skipped[reason] += 1
+            self.skipped[reason] += 1  # occurrences; len(self.bad) counts distinct samples
         logged_key = (key, id(sources))
         with self._logged_lock:  # validation builds in the caller's thread, training in the prefetcher's
             first = logged_key not in self._logged
@@ -192,11 +204,27 @@ class ModalityStream:
                 key, (self.epoch, self.cursor) = self._key_after((self.epoch, self.cursor))
                 built = self._build(key)
             sample, reason, exc = built
-            self._window.append(sample is None)
             if sample is not None:
+                self._window.append(False)
                 return key, sample
             self._skip(key, reason, exc)
+            if reason.endswith(_KNOWN):
+                continue
+            self.bad[key] = reason
+            self._window.append(True)
+            self._log_bad(key, reason, exc)
             self._check_window(key, exc)
+
+    def _log_bad(self, key: Key, reason: str, exc: Optional[BaseException]) -> None:
+        """One JSON line per distinct bad sample in `config.bad_samples_log` (the run directory's
+        bad_samples.jsonl): source, manifest line / id / media as the source describes it, error."""
+        path = self.config.bad_samples_log
+        if path is None:
+            return
+        row = {"modality": self.modality, "source": key[0], "index": key[1], "sample": self.describe(key),
+               "reason": reason, "error": repr(exc) if exc is not None else None}
+        with _LOG_LOCK, open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def _check_window(self, key: Key, exc: Optional[BaseException]) -> None:
         window = self._window
@@ -204,12 +232,16 @@ class ModalityStream:
             return
         bad = sum(window)
         if bad > self.config.max_bad_fraction * len(window):
-            reasons = ", ".join(f"{r}: {n}" for r, n in self.skipped.most_common())
+            reasons = ", ".join(f"{r}: {n}" for r, n in Counter(self.bad.values()).most_common())
+            worst = ", ".join(f"{self.spec.names[s] if s < len(self.spec.names) else f'source {s}'}: {n}"
+                              for s, n in Counter(k[0] for k in self.bad).most_common(3))
             raise TooManyBadSamples(
-                f"{self.modality}: {bad} of the last {len(window)} samples could not be used (totals {reasons}); "
-                f"the last one was {self.describe(key)}" + (f": {exc!r}" if exc is not None else "") +
-                f". Check the manifest's media root and paths (or seq_length for 'too_long'); "
-                f"max_bad_fraction={self.config.max_bad_fraction} sets the tolerance."
+                f"{self.modality}: {bad} of the last {len(window)} distinct samples could not be used "
+                f"({len(self.bad)} bad samples: {reasons}; by source {worst}); the last one was "
+                f"{self.describe(key)}" + (f": {exc!r}" if exc is not None else "") +
+                f". Check the manifest's media root and paths (or data.seq_length for 'too_long'), or raise "
+                f"data.max_bad_fraction={self.config.max_bad_fraction} (over data.bad_window="
+                f"{self.config.bad_window} samples) to tolerate more."
             )
 
     # ---------------------------------------------------------------- microbatches
@@ -281,6 +313,7 @@ class ModalityStream:
             "cursor": self.cursor,
             "buffer": [list(k) for k in self._buffer.keys()],
             "skipped": dict(self.skipped),
+            "bad": [[k[0], k[1], r] for k, r in self.bad.items()],
             "window": [int(b) for b in self._window],
             "real_tokens": self.real_tokens,
             "total_tokens": self.total_tokens,
@@ -300,6 +333,7 @@ class ModalityStream:
             )
         self._reset(state["epoch"], state["cursor"])
         self.skipped.update(state["skipped"])
+        self.bad = {(s, i): r for s, i, r in state.get("bad", [])}  # absent in checkpoints before it
         self._window.extend(bool(b) for b in state["window"])
         self.real_tokens, self.total_tokens = state["real_tokens"], state["total_tokens"]
         self.microbatches = state["microbatches"]

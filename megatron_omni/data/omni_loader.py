@@ -99,6 +99,11 @@ class OmniLoader:
                 out[f"{name}/{reason}"] = n
         return out
 
+    def bad_samples(self) -> Dict[str, int]:
+        """Distinct training samples of this rank found unusable, per modality (each counted once,
+        however often the order brings it round; `skipped_samples` counts every skip)."""
+        return {name: len(p.state_dict().get("bad", [])) for name, p in self._prefetch.items()}
+
     @property
     def skipped_samples(self) -> int:
         return sum(self.skipped_by_reason().values())
@@ -114,7 +119,8 @@ class OmniLoader:
 
     def metrics(self) -> Dict[str, float]:
         """Fields for metrics.jsonl (this rank; all-reduce the counts across DP)."""
-        return {"skipped_samples": self.skipped_samples, "padding_fraction": self.padding_fraction()}
+        return {"skipped_samples": self.skipped_samples, "bad_samples": sum(self.bad_samples().values()),
+                "padding_fraction": self.padding_fraction()}
 
     def close(self) -> None:
         for name, p in self._prefetch.items():

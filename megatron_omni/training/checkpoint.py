@@ -13,6 +13,7 @@ unchanged, since RNG streams have no meaning across layouts).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -34,6 +35,13 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 )
 
 from megatron_omni.parallel.layout import unwrap
+from megatron_omni.training.ckpt_integrity import (
+    CorruptCheckpoint,
+    complete_checkpoints,
+    prune,
+    verify_checkpoint,
+    write_manifest,
+)
 from megatron_omni.training.setup import TrainState
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,31 @@ def latest_step(root: str) -> Optional[int]:
     if not text.isdigit():
         raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
     return int(text)
+
+
+def loaded_path(load: str, step: int) -> str:
+    """The checkpoint folder `train.load=load` resumed at `step` (an iter_ folder or the root's)."""
+    return load if os.path.basename(os.path.normpath(load)).startswith("iter_") else checkpoint_dir(load, step)
+
+
+def check_overwrite(root: str, load: Optional[str], allow: bool) -> None:
+    """Refuse to start a run whose checkpoints would overwrite (and prune) another run's: `root`
+    (output_dir/checkpoints) holds checkpoints and `train.load` does not point at them -- the
+    typical typo in train.load, which Megatron-LM answers with a fresh start over the old run."""
+    if allow or not complete_checkpoints(root):
+        return
+    if load:
+        target = os.path.realpath(load)
+        if os.path.basename(os.path.normpath(load)).startswith("iter_"):
+            target = os.path.dirname(target)
+        if target == os.path.realpath(root):
+            return
+    from megatron_omni.config import ConfigError
+
+    raise ConfigError(
+        f"{root} already holds checkpoints (steps {complete_checkpoints(root)}) but train.load="
+        f"{load!r} does not point at them, so this run would start over and overwrite them; set "
+        f"train.load={root} to resume, choose another train.output_dir, or set train.allow_overwrite=true")
 
 
 def _layout() -> Dict[str, int]:
@@ -118,8 +151,17 @@ def _sharded_state_dict(state: TrainState, *, is_loading: bool, with_optimizer: 
 
 
 def save_checkpoint(state: TrainState, root: str, extra: Optional[Dict[str, Any]] = None,
-                    keep_last: Optional[int] = None, optimizer_sharding: str = "fully_reshardable") -> str:
-    """Write `root/iter_<step>` from every rank, then point the tracker file at it."""
+                    keep_last: Optional[int] = None, optimizer_sharding: str = "fully_reshardable",
+                    protect: Optional[str] = None) -> str:
+    """Write `root/iter_<step>` from every rank, its checksum manifest, then point the tracker at it.
+
+    Refuses (before writing anything) when a parameter is non-finite.  `protect` (the checkpoint
+    this run loaded) is never pruned, nor is the new one."""
+    from megatron_omni.training.guards import NonFiniteError, parameters_finite
+
+    if not parameters_finite(state.model):
+        raise NonFiniteError(f"step {state.step}: the model has NaN/Inf parameters; refusing to save them over "
+                             f"{root} (the previous checkpoint, step {latest_step(root)}, stays in force)")
     path = checkpoint_dir(root, state.step)
     if dist.get_rank() == 0:
         if os.path.isdir(path):  # a crashed earlier save of the same step: start clean
@@ -135,8 +177,18 @@ def save_checkpoint(state: TrainState, root: str, extra: Optional[Dict[str, Any]
         get_default_save_sharded_strategy("torch_dist"),
         parallel_state.get_data_parallel_group(with_context_parallel=True),
     )
-    dist_checkpointing.save(sd, path, sharded_strategy=strategy)
+    try:
+        dist_checkpointing.save(sd, path, sharded_strategy=strategy)
+    except (OSError, RuntimeError) as exc:
+        if "No space left" not in str(exc) and getattr(exc, "errno", None) != errno.ENOSPC:
+            raise
+        if dist.get_rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        raise OSError(errno.ENOSPC, f"disk full while writing checkpoint {path} ({exc}); the partial folder was "
+                                    f"removed and the previous checkpoint (step {latest_step(root)}) stays in force; "
+                                    "free space or set train.keep_last_checkpoints") from exc
     dist.barrier()
+    write_manifest(path, state.step)  # collective; the commit marker, written before the tracker
     if dist.get_rank() == 0:
         # The tracker is written last, atomically: a crash mid-save leaves the previous one in force.
         tmp = os.path.join(root, TRACKER_FILE + ".tmp")
@@ -144,15 +196,9 @@ def save_checkpoint(state: TrainState, root: str, extra: Optional[Dict[str, Any]
             f.write(str(state.step))
         os.replace(tmp, os.path.join(root, TRACKER_FILE))
         if keep_last:
-            _prune(root, keep_last)
+            prune(root, keep_last, protect=(path, protect))
     dist.barrier()
     return path
-
-
-def _prune(root: str, keep_last: int) -> None:
-    steps = sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit())
-    for step in steps[:-keep_last]:
-        shutil.rmtree(checkpoint_dir(root, step), ignore_errors=True)
 
 
 def optimizer_holds_params(optimizer) -> bool:
@@ -253,30 +299,97 @@ def _check_model_matches(sd: Dict[str, Any], stored: Dict[str, Any], path: str) 
                        f"{missing[:4]}, {len(reshaped)} with another shape {reshaped[:3]}.{hint}")
 
 
-def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> Optional[Dict[str, Any]]:
+_SCHEDULE_FIELDS = {  # scheduler attribute -> the config key it comes from
+    "max_lr": "optimizer.lr", "min_lr": "optimizer.min_lr", "lr_warmup_steps": "optimizer.lr_warmup_steps",
+    "lr_decay_steps": "optimizer.lr_decay_steps (default train.steps)", "lr_decay_style": "optimizer.lr_decay_style",
+}
+
+
+def _load_scheduler(scheduler, saved: Dict[str, Any], schedule: str, path: str, groups: list) -> None:
+    """One consistent LR schedule after a resume, said in the log.
+
+    schedule="config" (megatron's --override-opt_param-scheduler): the config's lr, min_lr, warmup,
+    decay length and style, continued from the checkpoint's step.  schedule="checkpoint"
+    (--use-checkpoint-opt_param-scheduler): the checkpoint's, with every parameter group's
+    max_lr/min_lr rescaled by the same ratio (an encoder LR keeps its ratio to the LLM's)."""
+    changed = {attr: (saved[attr], getattr(scheduler, attr)) for attr in _SCHEDULE_FIELDS
+               if attr in saved and saved[attr] != getattr(scheduler, attr)}
+    config_max, config_min = scheduler.max_lr, scheduler.min_lr
+    scheduler.override_opt_param_scheduler = schedule == "config"
+    scheduler.use_checkpoint_opt_param_scheduler = schedule == "checkpoint"
+    scheduler.load_state_dict(saved)  # steps the scheduler to the checkpoint's step
+    if schedule == "checkpoint":
+        for group in groups:
+            if "max_lr" in group and config_max:
+                group["max_lr"] *= scheduler.max_lr / config_max
+            if "min_lr" in group and config_min:
+                group["min_lr"] *= scheduler.min_lr / config_min
+        scheduler.step(increment=0)  # recompute the groups' lr with the rescaled bounds
+    detail = "; ".join(f"{_SCHEDULE_FIELDS[a]}: checkpoint {c!r}, config {n!r}" for a, (c, n) in changed.items())
+    log.info("LR schedule after resume: the %s's (lr %g, min_lr %g, warmup %d, decay %d steps %s) from step %d%s",
+             schedule, scheduler.max_lr, scheduler.min_lr, scheduler.lr_warmup_steps, scheduler.lr_decay_steps,
+             scheduler.lr_decay_style, scheduler.num_steps,
+             f"; differs from the {'checkpoint' if schedule == 'config' else 'config'} in {detail} "
+             f"(optimizer.resume_schedule=config|checkpoint chooses)" if changed else "")
+
+
+def _candidates(root: str) -> Optional[list]:
+    """Checkpoints to try for `train.load=root`, newest first: the tracker's, then (if it is
+    corrupt) the earlier complete ones in write order.  None when `root` holds none."""
+    if os.path.basename(os.path.normpath(root)).startswith("iter_"):
+        if not os.path.isfile(os.path.join(root, "metadata.json")):
+            raise FileNotFoundError(f"train.load={root}: not a checkpoint (no metadata.json there)")
+        return [root]  # named explicitly: no fallback
+    step = latest_step(root)
+    if step is None:
+        return None
+    newest = checkpoint_dir(root, step)
+    return [newest] + [checkpoint_dir(root, s) for s in reversed(complete_checkpoints(root)) if s != step]
+
+
+def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False,
+                    schedule: str = "config") -> Optional[Dict[str, Any]]:
     """Resume from the latest checkpoint in `root` (or from `root` itself if it is an iter_ folder).
 
     As Megatron-LM's --load: a folder with no checkpoint yet (a job's first start, with the
     same folder as its save target) is a warning and a fresh start, returning None.
+    Every file is checked against the checksum manifest first; a corrupt, truncated or partial
+    newest checkpoint is reported (file named) and the previous complete one is loaded instead.
     finetune=True loads weights only (fresh optimizer, scheduler, step and data position).
-    Returns the checkpoint's `extra` dict (data-loader and balancer states of later stages).
+    `schedule`: whose LR schedule runs after the resume ("config" or "checkpoint", see
+    `_load_scheduler`).  Returns the checkpoint's `extra` dict (data-loader and balancer states).
     """
-    if os.path.basename(os.path.normpath(root)).startswith("iter_"):
-        path = root
-        if not os.path.isfile(os.path.join(path, "metadata.json")):
-            raise FileNotFoundError(f"train.load={root}: not a checkpoint (no metadata.json there)")
-    else:
-        step = latest_step(root)
-        if step is None:
-            log.warning("train.load=%s holds no checkpoint (%s missing): starting from scratch", root, TRACKER_FILE)
-            return None
-        path = checkpoint_dir(root, step)
+    candidates = _candidates(root)
+    if candidates is None:
+        log.warning("train.load=%s holds no checkpoint (%s missing): starting from scratch", root, TRACKER_FILE)
+        return None
+    errors = []
+    for path in candidates:
+        try:
+            verify_checkpoint(path)  # collective: every rank agrees
+            extra = _load_from(state, path, finetune=finetune, schedule=schedule)
+        except CorruptCheckpoint as exc:
+            errors.append(str(exc))
+            log.error("%s", exc)
+            continue
+        if errors:
+            log.warning("train.load=%s: loaded the previous complete checkpoint %s instead of the corrupt newer "
+                        "one(s) (%s)", root, path, "; ".join(errors))
+        return extra
+    raise CorruptCheckpoint(f"train.load={root}: no loadable checkpoint: " + " | ".join(errors) +
+                            ". Restore the files, or point train.load at another checkpoint folder")
+
+
+def _load_from(state: TrainState, path: str, *, finetune: bool, schedule: str) -> Dict[str, Any]:
     # The per-group hyper-parameters come from the config (parameter-group overrides such as the
     # encoder LR); megatron 0.16 leaves every group with one group's max_lr/min_lr after a load,
     # so the built ones are put back afterwards (only the optimizer *state* is loaded).
     built = [{k: v for k, v in g.items() if k not in ("params", "lr", "weight_decay")}
              for g in state.optimizer.param_groups] if state.optimizer is not None else []
-    common = dist_checkpointing.load_common_state_dict(path)
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except Exception as exc:  # a truncated common.pt: EOFError / UnpicklingError without a file name
+        raise CorruptCheckpoint(f"{path}/common.pt: unreadable ({exc!r})") from exc
     same_layout = common.get("layout") == _layout()
     with_optimizer = not finetune and "optimizer" in common
     if with_optimizer:
@@ -293,7 +406,11 @@ def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> 
     stored = dist_checkpointing.load_tensors_metadata(path)
     new_adapters = _drop_new_adapters(sd, stored) if finetune else set()
     _check_model_matches(sd, stored, path)
-    loaded = dist_checkpointing.load(sd, path, sharded_strategy=strategy)
+    try:
+        loaded = dist_checkpointing.load(sd, path, sharded_strategy=strategy)
+    except (EOFError, OSError, ValueError) as exc:  # truncated/missing shard of an unverified checkpoint
+        raise CorruptCheckpoint(f"{path}: reading the checkpoint failed ({exc!r}); a shard file is missing "
+                                "or truncated") from exc
     chunks = [unwrap(chunk) for chunk in state.model]
     model_keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for chunk, key in zip(chunks, model_keys):
@@ -306,7 +423,7 @@ def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> 
             _load_optimizer(state.optimizer, loaded["optimizer"])
             for group, config in zip(state.optimizer.param_groups, built):
                 group.update(config)
-        state.scheduler.load_state_dict(loaded["scheduler"])
+        _load_scheduler(state.scheduler, loaded["scheduler"], schedule, path, state.optimizer.param_groups)
         state.step = loaded["train_state"]["step"]
         state.consumed_samples = loaded["train_state"]["consumed_samples"]
         if same_layout:
@@ -318,4 +435,3 @@ def load_checkpoint(state: TrainState, root: str, *, finetune: bool = False) -> 
         common.get("layout"), _layout(),
     )
     return loaded.get("extra", {}) or {}
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from typing import TYPE_CHECKING, Callable, Optional
@@ -18,7 +19,8 @@ from megatron_omni.models.moe.stats import collect_routing_stats
 from megatron_omni.parallel.initialize import initialize_distributed, set_random_seeds
 from megatron_omni.parallel.layout import unwrap
 from megatron_omni.training import flops
-from megatron_omni.training.checkpoint import load_checkpoint, save_checkpoint
+from megatron_omni.training.checkpoint import check_overwrite, load_checkpoint, loaded_path, save_checkpoint
+from megatron_omni.training.guards import NonFiniteError, NonFiniteGuard, disable_ddp_nan_check
 from megatron_omni.training.metrics import MetricsWriter, progress_line, timers_line
 from megatron_omni.training.preemption import PreemptionHandler
 from megatron_omni.training.setup import (
@@ -134,7 +136,14 @@ def pretrain(
 
         omni_data = build_omni_data(cfg, unwrap(state.model[0]).vocab, len(state.model), num_microbatches(cfg))
         state.data_state = omni_data.state_dict()  # asks the checkpoint for this rank's loader state
-    resumed = load_checkpoint(state, t.load, finetune=t.finetune) is not None if t.load else False
+    check_overwrite(root, t.load, t.allow_overwrite)
+    schedule = cfg.optimizer.resume_schedule
+    resumed = load_checkpoint(state, t.load, finetune=t.finetune, schedule=schedule) is not None if t.load else False
+    loaded = loaded_path(t.load, state.step) if resumed else None  # never pruned by this run
+    if is_logger and state.step < t.steps and os.path.exists(os.path.join(t.output_dir, COMPLETE_MARKER)):
+        # an earlier run's marker: this run trains further, so it is not complete until it ends
+        os.remove(os.path.join(t.output_dir, COMPLETE_MARKER))
+        log.info("removed %s of an earlier run (this run trains steps %d..%d)", COMPLETE_MARKER, state.step + 1, t.steps)
     if not resumed and t.pretrained_checkpoint:
         # weights only: a new stage of the recipe starts from the previous one's last checkpoint
         if load_checkpoint(state, t.pretrained_checkpoint, finetune=True) is None:
@@ -149,6 +158,9 @@ def pretrain(
         iterators = data.train_iterators(cfg, len(state.model), state.consumed_samples)
     metrics = MetricsWriter(t.output_dir, enabled=is_logger, tensorboard=t.tensorboard)
     preemption = PreemptionHandler()
+    guard = NonFiniteGuard(t.skip_nonfinite_steps)
+    if guard.enabled:
+        disable_ddp_nan_check(state.model)
 
     world = dist.get_world_size()
     # A frozen omni LLM (omni.freeze) runs no weight-gradient GEMMs.
@@ -186,6 +198,7 @@ def pretrain(
         result = train_step(
             state, step_iterators, num_microbatches=num_microbatches(cfg), seq_length=cfg.data.seq_length,
             micro_batch_size=t.micro_batch_size, forward_step_func=step_forward,
+            guard_step=state.step + 1 if guard.enabled else None,
         )
         step_time = time.time() - start
         state.step += 1
@@ -201,6 +214,11 @@ def pretrain(
             "tflops_per_gpu": tflops, "mfu": flops.mfu(tflops, device, precision),
             "consumed_samples": state.consumed_samples,
         }
+        nonfinite = result.grad_norm is not None and not math.isfinite(result.grad_norm)
+        if nonfinite:
+            row["skipped_update"] = True
+        diverged = guard.record(state.step, not nonfinite, f" (step modalities {omni_data._step_microbatches})"
+                                if omni_data is not None else "") if guard.enabled else None
         if omni_data is not None:
             row.update(omni_row)
             row["tokens_per_s_by_modality"] = {m: n / step_time for m, n in omni_data.tokens_per_modality().items()}
@@ -230,15 +248,18 @@ def pretrain(
                 if row.get("timers"):
                     log.info(timers_line(row["timers"]))
         stop = preemption.should_stop()
-        exiting = stop or (t.exit_interval is not None and state.step >= t.exit_interval)
+        exiting = stop or diverged is not None or (t.exit_interval is not None and state.step >= t.exit_interval)
         saving = profiler is None or profiler.save_checkpoints
         if saving and ((t.save_interval and state.step % t.save_interval == 0) or exiting or state.step == t.steps):
             if omni_data is not None:
                 omni_data.before_checkpoint()
                 state.data_state = omni_data.state_dict()
             save_checkpoint(state, root, keep_last=t.keep_last_checkpoints,
-                            optimizer_sharding=t.ckpt_optimizer_sharding)
+                            optimizer_sharding=t.ckpt_optimizer_sharding, protect=loaded)
             log.info("saved checkpoint at step %d to %s", state.step, root)
+        if diverged is not None:
+            metrics.close()
+            raise NonFiniteError(diverged)
         if exiting:
             log.info("exiting after step %d (%s)", state.step, "SIGTERM" if stop else "train.exit_interval")
             break

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -252,8 +253,14 @@ def build_blend_loader(cfg: RunConfig, vocab, dp_rank: int):
                           "builds the demo one), or data.mock=true")
     blend = load_blend(d.omni_blend)
     tokenizer = build_tokenizer(d, vocab_size=cfg.model.vocab_size)
+    # one bad_samples.jsonl line per distinct sample: written by the first TP rank / stage of each DP rank
+    first_of_replica = parallel_state.get_tensor_model_parallel_rank() == 0 and \
+        parallel_state.get_pipeline_model_parallel_rank() == 0
     config = LoaderConfig(seq_length=d.seq_length, micro_batch_size=cfg.train.micro_batch_size,
-                          seed=cfg.train.seed, pad_token_id=vocab.id("<|eot_id|>"))
+                          seed=cfg.train.seed, pad_token_id=vocab.id("<|eot_id|>"),
+                          max_bad_fraction=d.max_bad_fraction, bad_window=d.bad_window,
+                          bad_samples_log=os.path.join(cfg.train.output_dir, "bad_samples.jsonl")
+                          if first_of_replica else None)
     dp_size = parallel_state.get_data_parallel_world_size()
     # Sources of DPO rows (alignment tuning, Eq. 2) form the "preference" stream, not a modality's.
     rows = read_blend_manifests(blend, d.root)

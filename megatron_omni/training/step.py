@@ -101,7 +101,10 @@ def train_step(
     seq_length: int,
     micro_batch_size: int,
     forward_step_func=gpt_forward_step,
+    guard_step: Optional[int] = None,
 ) -> StepResult:
+    """One update.  `guard_step` (the 1-based step number) turns on the non-finite guard
+    (training/guards.py): a step whose loss or gradients are NaN/Inf on any rank is not applied."""
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
@@ -110,6 +113,15 @@ def train_step(
         micro_batch_size=micro_batch_size, forward_only=False, forward_step_func=forward_step_func,
     )
     lr = state.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+    if guard_step is not None:
+        from megatron_omni.training.guards import inject_nonfinite, step_is_finite
+
+        inject_nonfinite(state.model, guard_step)
+        total = reduce_losses(losses_reduced)
+        loss = (total[0] / total[1].clamp(min=1)).item()
+        if not step_is_finite(state.model, loss):
+            return StepResult(loss=loss, tokens=int(total[1].item()), grad_norm=float("nan"),
+                              update_successful=False, lr=lr, losses_reduced=losses_reduced)
     # Megatron-LM's 'optimizer' timer (megatron_omni.profiling installs the timers; None = off).
     config = state.model[0].config
     timers = config.timers
@@ -120,7 +132,8 @@ def train_step(
         timers("optimizer").stop()
     if update_successful:
         state.scheduler.step(increment=1)
-    total = reduce_losses(losses_reduced)
+    if guard_step is None:
+        total = reduce_losses(losses_reduced)
     return StepResult(
         loss=(total[0] / total[1].clamp(min=1)).item(),
         tokens=int(total[1].item()),
