@@ -136,7 +136,7 @@ def test_cli_omni_json_and_chain():
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["omni"]["encoder_params"]["vision_encoder"] > 6e8
-    assert report["job"]["params"] == 71_559_952_992  # python -m megatron_omni.models.summary: the built model
+    assert report["job"]["params"] == 71_559_954_112  # python -m megatron_omni.models.summary: the built model (incl. 1,120 fixed SAN-M CMVN statistics)
     for d in report["layouts"]:
         assert d["fits"] and d["cp"] == 1 and "parallel.tp=" + str(d["tp"]) in d["overrides"]
         # encoders add FLOPs on top of the LLM's
