@@ -10,6 +10,10 @@
     python tools/convert_checkpoint.py mcore-to-hf --load runs/x/checkpoints --out release/x \\
         --tokenizer-dir Llama-3.1-8B
 
+    # pretrained parts -> omni checkpoint a stage starts from (train.pretrained_checkpoint=ckpt/m2omni_9b)
+    python tools/convert_checkpoint.py omni-from-hf --llm Llama-3.1-8B --vision Qwen2-VL-7B-Instruct \
+        --audio paraformer-zh --out ckpt/m2omni_9b --tp 2 --pp 2
+
     # weights-only copy for another layout
     python tools/convert_checkpoint.py reshard --load ckpt/llama31_8b --out ckpt/llama31_8b_tp1 --tp 1 --pp 1
 
@@ -69,7 +73,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     c.add_argument("--model", default=None)
     c.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None)
 
-    for sp in (a, b, c):
+    o = sub.add_parser("omni-from-hf", help="HF Llama + Qwen2-VL vision tower + Whisper/FunASR audio -> omni checkpoint")
+    o.add_argument("--llm", required=True, help="HF LlamaForCausalLM folder")
+    o.add_argument("--vision", default=None,
+                   help="Qwen2-VL folder (Qwen2VLForConditionalGeneration: visual.* is taken) or a vision-tower folder")
+    o.add_argument("--audio", default=None,
+                   help="HF Whisper folder (encoder taken) or FunASR Paraformer folder (model.pt, config.yaml, am.mvn)")
+    o.add_argument("--out", required=True, help="new checkpoints root (train.pretrained_checkpoint=OUT, base: OUT/model.yaml)")
+    layout(o)
+    o.add_argument("--first-stage-num-layers", type=int, default=None, help="decoder layers of pipeline stage 0 (checked)")
+    o.add_argument("--audio-codebook-size", type=int, default=4096, help="speech output codes in the omni vocabulary")
+    o.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: the LLM weights' dtype")
+    o.add_argument("--seed", type=int, default=1234, help="seed of the new vocabulary rows and the connectors")
+    o.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    for sp in (a, b, c, o):
         sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p.parse_args(argv)
 
@@ -80,7 +98,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_omni.convert import ConversionError, hf_to_mcore, mcore_to_hf, reshard
 
     try:
-        if args.command == "hf-to-mcore":
+        if args.command == "omni-from-hf":
+            from megatron_omni.convert.omni_import import omni_from_hf
+
+            report = omni_from_hf(args.llm, args.out, vision_dir=args.vision, audio_dir=args.audio, tp=args.tp,
+                                  pp=args.pp, vpp=args.vpp, first_stage_num_layers=args.first_stage_num_layers,
+                                  audio_codebook_size=args.audio_codebook_size, dtype=args.dtype, seed=args.seed,
+                                  make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                                  overwrite=args.overwrite)
+            report = {k: v for k, v in report.items() if k not in ("initialised", "dropped")} | {
+                "initialised": len(report["initialised"]), "dropped": len(report["dropped"]),
+                "report": os.path.join(report["out"], "conversion_report.json")}
+        elif args.command == "hf-to-mcore":
             report = hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep,
                                  dtype=args.dtype, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                                  overwrite=args.overwrite)

@@ -5,6 +5,8 @@
         parallel.tp=2 parallel.pp=2
 
 --input-ids: int64 [B, S] (.npy).  --output: float32 [B, S, vocab] (.npy, vocabulary padding removed),
+an omni checkpoint (model.yaml / run config with an omni: section) runs as OmniModel on text ids (M-RoPE
+ids t = h = w = position, causal mask) and gives logits over the whole omni vocabulary (text ids first);
 written by rank 0.  The model config is --model, else <load>/model.yaml (converted checkpoints), else
 the run config next to a training run's checkpoints/.  Overrides are section.key=value (parallel.*,
 model.*, train.precision; default fp32).  Runs megatron's forward-only pipeline schedule on the
@@ -61,7 +63,7 @@ def run_one(load: str, ids_path: str, output: str, model_yaml, micro_batch_size:
 
     from megatron_omni.config.loader import apply_override, from_dict, parse_override
     from megatron_omni.config.schema import RunConfig
-    from megatron_omni.convert import find_model_config
+    from megatron_omni.convert.omni_import import find_omni_config
     from megatron_omni.convert.mcore_io import resolve_iteration
     from megatron_omni.models.llama import build_llama_chunks
     from megatron_omni.parallel.initialize import initialize_distributed, set_random_seeds
@@ -74,7 +76,7 @@ def run_one(load: str, ids_path: str, output: str, model_yaml, micro_batch_size:
         raise SystemExit(f"--input-ids: expected integer token ids [B, S], got {ids.dtype} {list(ids.shape)}")
     batch, seq = ids.shape
     root, _ = resolve_iteration(load)
-    model_cfg, _ = find_model_config(root, model_yaml)
+    model_cfg, omni_cfg = find_omni_config(root, model_yaml)
     tree = {"model": dataclasses.asdict(model_cfg), "train": {"precision": "fp32"}}
     for text in overrides:
         parts, value = parse_override(text)
@@ -82,8 +84,13 @@ def run_one(load: str, ids_path: str, output: str, model_yaml, micro_batch_size:
     cfg = from_dict(RunConfig, tree)
     cfg.data.seq_length = seq
     p, m = cfg.parallel, cfg.model
-    if ids.min() < 0 or ids.max() >= m.vocab_size:
-        raise SystemExit(f"--input-ids: token ids must be in [0, {m.vocab_size}), got [{ids.min()}, {ids.max()}]")
+    vocab_size = m.vocab_size
+    if omni_cfg is not None:
+        from megatron_omni.models.omni import build_omni_chunks, omni_vocab
+
+        vocab_size = omni_vocab(m, omni_cfg).size
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise SystemExit(f"--input-ids: token ids must be in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
     if batch % micro_batch_size:
         raise SystemExit(f"batch {batch} is not divisible by --micro-batch-size {micro_batch_size}")
 
@@ -98,7 +105,10 @@ def run_one(load: str, ids_path: str, output: str, model_yaml, micro_batch_size:
                          "data parallelism is not used here")
     set_random_seeds(cfg.train.seed)
     dtype = params_dtype(cfg.train.precision)
-    chunks = build_llama_chunks(m, p, seq_length=seq, params_dtype=dtype)
+    if omni_cfg is None:
+        chunks = build_llama_chunks(m, p, seq_length=seq, params_dtype=dtype)
+    else:
+        chunks = build_omni_chunks(m, p, omni_cfg, seq_length=seq, params_dtype=dtype)
     for chunk in chunks:
         chunk.cuda(torch.cuda.current_device())
     load_checkpoint(TrainState(model=chunks, optimizer=None, scheduler=None), load, finetune=True)
@@ -109,17 +119,24 @@ def run_one(load: str, ids_path: str, output: str, model_yaml, micro_batch_size:
     mbs = micro_batch_size
     micro = [torch.from_numpy(ids[i:i + mbs].astype(np.int64)) for i in range(0, batch, mbs)]
     positions = torch.arange(seq, dtype=torch.long).unsqueeze(0)
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril().logical_not()[None, None]  # True = masked
 
     def forward_step(data_iterator, chunk):
         tokens = next(data_iterator) if data_iterator is not None else None
         vp = unwrap(chunk).vp_stage
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=vp is None, vp_stage=vp)
-        if first:
+        mask = None
+        if omni_cfg is not None:  # M-RoPE ids and the (arbitrary-type) mask on every stage
+            b = mbs
+            pos = positions.expand(3, b, seq).cuda()
+            mask = causal.expand(b, 1, seq, seq).cuda()
+            tokens = tokens.cuda() if first else None
+        elif first:
             tokens = tokens.cuda()
             pos = positions.expand(tokens.shape[0], seq).cuda()
         else:
             tokens = pos = None
-        output = chunk(tokens, pos, None)
+        output = chunk(tokens, pos, mask)
 
         def gather_logits(output_tensor):  # [b, s, V/tp] -> [b, s, V]
             full = gather_from_tensor_model_parallel_region(output_tensor)
@@ -140,12 +157,12 @@ def run_one(load: str, ids_path: str, output: str, model_yaml, micro_batch_size:
     holder = parallel_state.get_pipeline_model_parallel_last_rank()  # on rank 0: its pipeline's last stage
     logits = None
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and parallel_state.get_tensor_model_parallel_rank() == 0:
-        logits = torch.cat([r["logits"] for r in results], dim=0)[..., : m.vocab_size].contiguous()
+        logits = torch.cat([r["logits"] for r in results], dim=0)[..., :vocab_size].contiguous()
         if dist.get_rank() != 0:
             dist.send(logits, dst=0)
     if dist.get_rank() == 0:
         if logits is None:
-            logits = torch.empty((batch, seq, m.vocab_size), dtype=torch.float32)
+            logits = torch.empty((batch, seq, vocab_size), dtype=torch.float32)
             dist.recv(logits, src=holder)
         out_dir = os.path.dirname(os.path.abspath(output))
         os.makedirs(out_dir, exist_ok=True)
