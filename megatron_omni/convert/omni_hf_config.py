@@ -1,0 +1,135 @@
+"""config.json / generation / preprocessor configs of an exported omni HF folder (pure dicts, no transformers).
+
+The folder's `config.json` is a `MegatronOmniConfig` (megatron_omni/hf/configuration_megatron_omni.py):
+the LLM as a LlamaConfig (convert/llama.py's `config_to_hf`, with the omni vocabulary), the vision
+tower as a Qwen2VLVisionConfig, the audio encoder as WhisperConfig encoder fields (or the FunASR
+SAN-M fields), and the omni token ids.  Settings transformers' modules hard-code (Qwen2-VL's LayerNorm
+eps 1e-6 and rotary theta 10000, Whisper's LayerNorm eps 1e-5 and its k3 / stride-2 convs) are checked:
+a model that differs is refused rather than exported into a folder that would compute something else.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from megatron_omni.config.schema import ModelConfig, OmniConfig
+from megatron_omni.convert.llama import LLAMA
+from megatron_omni.models.audio.config import AudioConfig
+from megatron_omni.models.omni_vocab import SPECIAL_TOKENS, OmniVocab
+from megatron_omni.models.vision.config import VisionConfig
+
+ARCHITECTURE = "MegatronOmniForCausalLM"
+MODEL_TYPE = "megatron_omni"
+AUTO_MAP = {
+    "AutoConfig": "configuration_megatron_omni.MegatronOmniConfig",
+    "AutoModel": "modeling_megatron_omni.MegatronOmniForCausalLM",
+    "AutoModelForCausalLM": "modeling_megatron_omni.MegatronOmniForCausalLM",
+}
+
+
+def vision_problems(v: VisionConfig) -> List[str]:
+    out = []
+    if v.norm_epsilon != 1e-6:
+        out.append(f"omni.vision.norm_epsilon={v.norm_epsilon}: Qwen2-VL's vision blocks use LayerNorm eps 1e-6")
+    if v.rotary_base != 10000.0:
+        out.append(f"omni.vision.rotary_base={v.rotary_base}: Qwen2-VL's vision rotary has theta 10000")
+    if v.ffn_hidden_size % v.hidden_size:
+        out.append(f"omni.vision.ffn_hidden_size={v.ffn_hidden_size} is not an integer multiple (mlp_ratio) of "
+                   f"hidden_size={v.hidden_size}")
+    return out
+
+
+def audio_problems(a: AudioConfig) -> List[str]:
+    out = []
+    if a.encoder_type == "whisper":
+        if a.layernorm_epsilon != 1e-5:
+            out.append(f"omni.audio.layernorm_epsilon={a.layernorm_epsilon}: Whisper's LayerNorms use eps 1e-5")
+        if (a.conv_kernel_size, a.conv2_stride) != (3, 2):
+            out.append(f"omni.audio conv_kernel_size={a.conv_kernel_size}, conv2_stride={a.conv2_stride}: "
+                       "Whisper's front end is kernel 3, stride 2")
+    return out
+
+
+def vision_config(v: VisionConfig) -> Dict:
+    return {"model_type": "qwen2_vl_vision", "depth": v.depth, "embed_dim": v.hidden_size,
+            "hidden_size": v.out_hidden_size, "num_heads": v.num_attention_heads,
+            "mlp_ratio": v.ffn_hidden_size // v.hidden_size, "hidden_act": v.activation,
+            "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "in_channels": v.in_channels,
+            "spatial_merge_size": v.spatial_merge_size, "initializer_range": v.init_method_std}
+
+
+def audio_config(a: AudioConfig) -> Dict:
+    connector = {"downsample_factor": a.downsample_factor, "connector_hidden_size": a.connector_hidden_size,
+                 "out_hidden_size": a.out_hidden_size}
+    if a.encoder_type == "whisper":
+        return {"encoder_type": "whisper", "num_mel_bins": a.num_mel_bins, "d_model": a.d_model,
+                "encoder_layers": a.num_layers, "encoder_attention_heads": a.num_attention_heads,
+                "encoder_ffn_dim": a.ffn_hidden_size, "max_source_positions": a.max_source_positions,
+                "position_embedding": a.position_embedding, **connector}
+    return {"encoder_type": "sanm", "num_mel_bins": a.num_mel_bins, "d_model": a.d_model, "num_layers": a.num_layers,
+            "num_attention_heads": a.num_attention_heads, "ffn_hidden_size": a.ffn_hidden_size,
+            "lfr_m": a.lfr_m, "lfr_n": a.lfr_n, "kernel_size": a.sanm_kernel_size, "sanm_shift": a.sanm_shift,
+            "layernorm_epsilon": a.layernorm_epsilon, "max_source_positions": a.max_source_positions, **connector}
+
+
+def omni_config(model: ModelConfig, omni: OmniConfig, vocab: OmniVocab, *, dtype: str,
+                template: Optional[Dict] = None) -> Dict:
+    """config.json of the omni folder; `model` has the omni vocabulary as vocab_size."""
+    text = LLAMA.config_to_hf(model, dtype=dtype, template=template)
+    ids = vocab.special_ids
+    cfg = {
+        "architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "auto_map": dict(AUTO_MAP),
+        "text_config": text,
+        "vision_config": vision_config(omni.vision) if omni.vision is not None else None,
+        "audio_config": audio_config(omni.audio) if omni.audio is not None else None,
+        "mrope_section": list(omni.mrope_section),
+        "image_token_id": vocab.image_pad_id, "video_token_id": vocab.video_pad_id,
+        "audio_token_id": vocab.audio_pad_id, "special_token_ids": ids,
+        "text_vocab_size": vocab.text_vocab_size, "audio_codebook_size": vocab.audio_codebook_size,
+        "audio_code_offset": vocab.audio_code_offset,
+        "tie_word_embeddings": model.tie_word_embeddings, "torch_dtype": dtype, "dtype": dtype,
+    }
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if text.get(k) is not None:
+            cfg[k] = text[k]
+    return cfg
+
+
+def generation_config(config: Dict, vocab: OmniVocab) -> Dict:
+    """Stop at <|eot_id|> (the chat template's turn end) or the text tokenizer's own eos."""
+    eos = [vocab.id("<|eot_id|>")]
+    native = config.get("eos_token_id")
+    for e in (native if isinstance(native, list) else [native]):
+        if e is not None and e not in eos:
+            eos.append(e)
+    out = {"_from_model_config": True, "eos_token_id": eos}
+    if config.get("bos_token_id") is not None:
+        out["bos_token_id"] = config["bos_token_id"]
+    return out
+
+
+def preprocessor_config(omni: OmniConfig) -> Dict:
+    """Qwen2-VL image processor settings of our patching (CLIP normalisation, 14px patches, 2x2 merge), and
+    the audio front end the model was trained on (Kaldi log-mel fbank, 16 kHz, 25 / 10 ms, int16 scale)."""
+    from megatron_omni.data.media.fbank import FRAME_LENGTH_MS, FRAME_SHIFT_MS, KALDI_WAVE_SCALE
+    from megatron_omni.data.media.patches import CLIP_MEAN, CLIP_STD
+
+    out: Dict = {"processor_class": "MegatronOmniProcessor"}
+    if omni.vision is not None:
+        v = omni.vision
+        out.update({"image_processor_type": "Qwen2VLImageProcessor", "patch_size": v.patch_size,
+                    "temporal_patch_size": v.temporal_patch_size, "merge_size": v.spatial_merge_size,
+                    "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_rescale": True,
+                    "rescale_factor": 1 / 255, "do_normalize": True, "do_resize": True})
+    if omni.audio is not None:
+        out["audio_frontend"] = {"type": "kaldi_fbank", "num_mel_bins": omni.audio.num_mel_bins,
+                                 "sampling_rate": 16000, "frame_length_ms": FRAME_LENGTH_MS,
+                                 "frame_shift_ms": FRAME_SHIFT_MS, "wave_scale": KALDI_WAVE_SCALE,
+                                 "input": "input_features [clips, num_mel_bins, frames] + audio_feature_lengths"}
+    return out
+
+
+def special_token_names(vocab: OmniVocab) -> List[str]:
+    """Token strings of every id past the text vocabulary, in id order: the omni specials, then the
+    audio output codes <|a_0|> ... (CosyVoice-style names)."""
+    return list(SPECIAL_TOKENS) + [f"<|a_{i}|>" for i in range(vocab.audio_codebook_size)]
