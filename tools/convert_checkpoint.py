@@ -14,6 +14,11 @@
     python tools/convert_checkpoint.py omni-from-hf --llm Llama-3.1-8B --vision Qwen2-VL-7B-Instruct \
         --audio paraformer-zh --out ckpt/m2omni_9b --tp 2 --pp 2
 
+    # an omni checkpoint -> one folder transformers runs (trust_remote_code=True); or only its LLM
+    python tools/convert_checkpoint.py mcore-to-hf --load runs/at/checkpoints --out release/m2omni
+    python tools/convert_checkpoint.py mcore-to-hf --load runs/at/checkpoints --out release/m2omni_llm \\
+        --language-model-only
+
     # weights-only copy for another layout
     python tools/convert_checkpoint.py reshard --load ckpt/llama31_8b --out ckpt/llama31_8b_tp1 --tp 1 --pp 1
 
@@ -65,6 +70,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "(default: <load>/hf_source of a converted checkpoint)")
     b.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: the checkpoint's dtype")
     b.add_argument("--max-shard-size", default="5GB")
+    b.add_argument("--language-model-only", action="store_true",
+                   help="omni checkpoint: write only its LLM, as a plain LlamaForCausalLM folder")
 
     c = sub.add_parser("reshard", help="megatron-omni checkpoint -> weights-only checkpoint for another layout")
     c.add_argument("--load", required=True)
@@ -116,7 +123,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "mcore-to-hf":
             report = mcore_to_hf(args.load, args.out, model_yaml=args.model, dtype=args.dtype,
                                  tokenizer_dir=args.tokenizer_dir, template_dir=args.template_dir,
-                                 max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+                                 max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                                 language_model_only=args.language_model_only)
         else:
             report = reshard(args.load, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep,
                              model_yaml=args.model, dtype=args.dtype, overwrite=args.overwrite)

@@ -506,11 +506,20 @@ def _layer_major_tensors(src: _Source, dtype: torch.dtype, progress: _Progress
 
 def mcore_to_hf(load: str, out: str, *, model_yaml: Optional[str] = None, dtype: Optional[str] = None,
                 tokenizer_dir: Optional[str] = None, template_dir: Optional[str] = None,
-                max_shard_size: str = "5GB", overwrite: bool = False) -> Dict[str, object]:
-    """megatron-omni checkpoint (any layout; weights of a training checkpoint) -> HF LlamaForCausalLM folder."""
+                max_shard_size: str = "5GB", overwrite: bool = False,
+                language_model_only: bool = False) -> Dict[str, object]:
+    """megatron-omni checkpoint (any layout; weights of a training checkpoint) -> HF LlamaForCausalLM folder;
+    an omni checkpoint -> one MegatronOmniForCausalLM folder (convert/omni_export.py), or with
+    `language_model_only` a LlamaForCausalLM folder of its LLM."""
     started = time.time()
     _check_output(out, overwrite)
     root, _ = mcore_io.resolve_iteration(load)
+    from megatron_omni.convert.omni_export import omni_configs, omni_to_hf
+
+    if omni_configs(root, model_yaml) is not None:
+        return omni_to_hf(load, out, model_yaml=model_yaml, dtype=dtype, tokenizer_dir=tokenizer_dir,
+                          template_dir=template_dir, max_shard_size=max_shard_size,
+                          language_model_only=language_model_only, overwrite=overwrite)
     if template_dir is None and os.path.isdir(os.path.join(root, HF_SOURCE)):
         template_dir = os.path.join(root, HF_SOURCE)
     problems = ProblemList(f"mcore-to-hf {load}")
