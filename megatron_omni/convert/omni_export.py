@@ -25,9 +25,6 @@ import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
-import yaml
-
-from megatron_omni.config.loader import ConfigError, from_dict
 from megatron_omni.config.schema import ModelConfig, OmniConfig
 from megatron_omni.convert import mcore_io
 from megatron_omni.convert.convert import (
@@ -66,22 +63,20 @@ Entry = Tuple[str, torch.dtype, Tuple[int, ...]]
 
 
 def omni_configs(root: str, explicit: Optional[str] = None) -> Optional[Tuple[ModelConfig, OmniConfig, str]]:
-    """(model, omni, path) when the checkpoint's config (explicit, <root>/model.yaml bundle, or the run's
-    <root>/../config.yaml) has a non-null `omni:` section; None for a text-only checkpoint."""
-    candidates = [explicit] if explicit else [os.path.join(root, MODEL_FILE),
-                                              os.path.join(os.path.dirname(root), "config.yaml")]
-    for path in candidates:
-        if not (path and os.path.isfile(path)):
-            continue
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data.get("omni"), dict) or not isinstance(data.get("model"), dict):
-            return None
-        try:
-            return from_dict(ModelConfig, data["model"], "model"), from_dict(OmniConfig, data["omni"], "omni"), path
-        except ConfigError as e:
-            raise ConversionError(f"model config {path}", {"unsupported config": [str(e)]}) from e
-    return None
+    """(model, omni, config path) when the checkpoint's config (explicit, <root>/model.yaml bundle, or the
+    run's <root>/../config.yaml; omni_import.find_omni_config) has an `omni:` section; None otherwise."""
+    from megatron_omni.convert.omni_import import find_omni_config
+
+    try:
+        model, omni = find_omni_config(root, explicit)
+    except FileNotFoundError:
+        return None
+    if omni is None:
+        return None
+    path = next(p for p in ([explicit] if explicit else [os.path.join(root, MODEL_FILE),
+                                                          os.path.join(os.path.dirname(root), "config.yaml")])
+                if p and os.path.isfile(p))
+    return model, omni, path
 
 
 @dataclasses.dataclass

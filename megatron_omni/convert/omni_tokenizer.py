@@ -50,12 +50,14 @@ def write_omni_tokenizer(out: str, vocab: OmniVocab, source_dir: Optional[str],
     if not has_hf and spm is None:
         log.warning("no tokenizer source (pass --tokenizer-dir): the folder has no tokenizer")
         return {"written": False, "reason": "no --tokenizer-dir, hf_source or sentencepiece data.tokenizer_model"}
-    from transformers import AddedToken, AutoTokenizer
+    from transformers import AddedToken, AutoTokenizer, LlamaTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        if spm is not None:  # transformers converts a folder holding only tokenizer.model
-            shutil.copy2(spm, os.path.join(tmp, "tokenizer.model"))
-        tok = AutoTokenizer.from_pretrained(tmp if spm is not None else source_dir)
+        if spm is not None:  # transformers converts a folder holding only tokenizer.model; LlamaTokenizer keeps
+            shutil.copy2(spm, os.path.join(tmp, "tokenizer.model"))  # sentencepiece's dummy prefix (▁ first)
+            tok = LlamaTokenizer.from_pretrained(tmp)
+        else:
+            tok = AutoTokenizer.from_pretrained(source_dir)
     source = spm or source_dir
     n = len(tok)
     if n > vocab.text_vocab_size:

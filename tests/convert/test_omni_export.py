@@ -1,0 +1,172 @@
+"""mcore-to-hf on an omni checkpoint (a TP2 x PP2 tiny training run's checkpoints/): the exported folder runs
+in transformers (trust_remote_code; its Llama, Qwen2-VL vision and Whisper encoder modules) with no missing
+or unexpected keys, its logits on a mixed image + video + audio + text sample equal the megatron forward
+(fp32), its encoder tensors equal megatron's bit for bit (read through the older, independent
+models/*/hf_* name maps), generate() gives megatron's greedy tokens, its M-RoPE ids are ours, and
+--language-model-only writes a LlamaForCausalLM with megatron's text logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.convert.omni_export_helpers import hf_inputs, megatron_logits, megatron_model, mixed_sample, omni_run, \
+    run_configs
+
+transformers = pytest.importorskip("transformers")
+TOL = 1e-4
+STEPS = 4  # greedy tokens compared
+
+
+def _greedy(model, sample, vocab, steps):
+    """Megatron greedy decoding without a cache: the whole sequence each step, M-RoPE ids recomputed."""
+    from megatron_omni.models.rope import mrope_position_ids
+
+    s = dict(sample)
+    for _ in range(steps):
+        nxt = megatron_logits(model, s)[:, -1].argmax(-1, keepdim=True)
+        s["input_ids"] = torch.cat([s["input_ids"], nxt], dim=1)
+        s["position_ids"], _ = mrope_position_ids(
+            s["input_ids"], s["image_grid_thw"], s["video_grid_thw"], image_token_id=vocab.image_pad_id,
+            video_token_id=vocab.video_pad_id, spatial_merge_size=2)
+    return s["input_ids"][0, -steps:].tolist()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from megatron_omni.convert import mcore_to_hf
+    from megatron_omni.convert.mcore_io import megatron_world
+
+    root = tmp_path_factory.mktemp("omni_export")
+    ckpt = omni_run(root)
+    reports = {"omni": mcore_to_hf(str(ckpt), str(root / "hf")),
+               "llm": mcore_to_hf(str(ckpt), str(root / "hf_llm"), language_model_only=True)}
+    model_cfg, omni = run_configs(ckpt)
+    sample = mixed_sample(model_cfg, omni)
+    text_ids = torch.randint(0, model_cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    with megatron_world():
+        model = megatron_model(ckpt, sample["input_ids"].shape[1] + STEPS)
+        text = {"input_ids": text_ids, "position_ids": torch.arange(24).expand(3, 2, 24)}
+        for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "audio_features",
+                  "audio_lengths"):
+            text[k] = None
+        ref = {"logits": megatron_logits(model, sample), "greedy": _greedy(model, sample, model.vocab, STEPS),
+               "text_logits": megatron_logits(model, text), "text_ids": text_ids, "vocab": model.vocab,
+               "vision": {k: v.clone() for k, v in model.vision.state_dict().items() if isinstance(v, torch.Tensor)},
+               "audio": {k: v.clone() for k, v in model.audio.state_dict().items() if isinstance(v, torch.Tensor)}}
+    yield {"root": root, "ckpt": ckpt, "reports": reports, "sample": sample, "ref": ref, "omni": omni}
+
+
+@pytest.fixture(scope="module")
+def hf_model(exported):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        exported["root"] / "hf", trust_remote_code=True, dtype=torch.float32, output_loading_info=True)
+    return model.eval(), info
+
+
+def test_folder_loads_with_no_missing_or_unexpected_keys_and_logits_equal_megatron(exported, hf_model):
+    model, info = hf_model
+    assert type(model).__name__ == "MegatronOmniForCausalLM"
+    assert {k: v for k, v in info.items() if v} == {}, info  # missing / unexpected / mismatched keys
+    names = {type(m).__name__ for m in model.modules()}
+    assert {"LlamaModel", "Qwen2VisionTransformerPretrainedModel", "WhisperEncoder"} <= names
+    inputs = hf_inputs(exported["sample"])
+    with torch.no_grad():
+        got = model(**inputs).logits
+        blind = model(**{**inputs, "pixel_values": torch.zeros_like(inputs["pixel_values"]),
+                         "input_features": torch.zeros_like(inputs["input_features"])}).logits
+    ref = exported["ref"]["logits"]
+    assert got.shape == ref.shape == (1, inputs["input_ids"].shape[1], exported["ref"]["vocab"].size)
+    delta = (got - ref).abs().max().item()
+    print(f"\nmixed image+video+audio+text sample: max|d| HF vs megatron {delta:.2e} (logit scale "
+          f"{ref.abs().max():.2f}); {exported['reports']['omni']['tensors']} tensors exported in "
+          f"{exported['reports']['omni']['seconds']} s")
+    assert delta <= TOL
+    assert (blind - got).abs().max() > 1e-3  # the image and audio inputs do reach the logits
+
+
+def test_encoder_tensors_bit_exact(exported, hf_model):
+    from megatron_omni.models.audio.hf_whisper import whisper_hf_to_megatron
+    from megatron_omni.models.vision.hf_weights import megatron_to_hf
+
+    model, _ = hf_model
+    omni = exported["omni"]
+    ours = exported["ref"]
+    hf_vision = model.visual.state_dict()
+    expected = megatron_to_hf(ours["vision"], omni.vision, te=False)
+    assert set(expected) == set(hf_vision)
+    for name, t in expected.items():
+        assert torch.equal(hf_vision[name], t), name
+    hf_audio = {k: v for k, v in model.audio_tower.state_dict().items()}
+    mapped = whisper_hf_to_megatron(hf_audio, omni.audio.num_layers, omni.audio.num_attention_heads)
+    params = {k: v for k, v in ours["audio"].items() if not k.endswith("_extra_state") and not k.startswith("connector.")}
+    assert set(mapped) == set(params)
+    for name, t in mapped.items():
+        assert torch.equal(params[name], t), name
+    connector = model.audio_connector.state_dict()
+    assert set(connector) == {k[len("connector."):] for k in ours["audio"] if k.startswith("connector.")}
+    for name, t in connector.items():
+        assert torch.equal(ours["audio"]["connector." + name], t), name
+    assert hf_vision["blocks.0.norm1.bias"].abs().max() > 0  # trained off the init: the maps are exercised
+
+
+def test_generate_gives_megatron_greedy_tokens(exported, hf_model):
+    model, _ = hf_model
+    inputs = hf_inputs(exported["sample"])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    got = out[0, inputs["input_ids"].shape[1]:].tolist()
+    print(f"\ngreedy tokens: HF generate {got}, megatron {exported['ref']['greedy']}")
+    assert got == exported["ref"]["greedy"]
+
+
+def test_mrope_ids_of_the_modeling_file_equal_ours(exported):
+    from megatron_omni.hf.modeling_megatron_omni import omni_rope_index
+    from megatron_omni.models.rope import mrope_position_ids
+
+    vocab = exported["ref"]["vocab"]
+    kw = dict(image_token_id=vocab.image_pad_id, video_token_id=vocab.video_pad_id, spatial_merge_size=2)
+    s = exported["sample"]
+    # the mixed sample, and a left-padded batch of two rows (two images + a video across the batch)
+    ids = s["input_ids"][0].tolist()
+    rows = [[5, 6] + [vocab.image_pad_id] * 4 + [7] + [vocab.video_pad_id] * 8 + [8, 9],
+            [0, 0, 0, 0, 0, 3, vocab.image_pad_id, vocab.image_pad_id, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+    batch = torch.tensor(rows)
+    mask = torch.tensor([[1] * 17, [0] * 5 + [1] * 12])
+    cases = [(torch.tensor([ids]), s["image_grid_thw"], s["video_grid_thw"], None),
+             (batch, torch.tensor([[1, 4, 4], [1, 2, 4]]), torch.tensor([[2, 4, 4]]), mask)]
+    for input_ids, image, video, attention in cases:
+        ref, _ = mrope_position_ids(input_ids, image, video, attention, **kw)
+        got, deltas = omni_rope_index(input_ids, image, video, attention, **kw)
+        assert torch.equal(got, ref)
+        assert torch.equal(deltas[:, 0], got.amax(dim=(0, 2)) + 1 - input_ids.shape[1])
+
+
+def test_tokenizer_has_the_omni_tokens_at_their_ids(exported):
+    import sentencepiece
+
+    from megatron_omni.convert.omni_hf_config import special_token_names
+
+    vocab = exported["ref"]["vocab"]
+    tok = transformers.AutoTokenizer.from_pretrained(exported["root"] / "hf", trust_remote_code=True)
+    assert len(tok) == vocab.size
+    names = special_token_names(vocab)
+    assert tok.convert_tokens_to_ids(names) == list(range(vocab.text_vocab_size, vocab.size))
+    sp = sentencepiece.SentencePieceProcessor(model_file=exported["reports"]["omni"]["tokenizer"]["source"])
+    for text in ("Hello world, this is a test.", "M2-omni sees images and hears audio."):
+        assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
+    assert vocab.image_pad_id in tok.encode("a <image_pad> b", add_special_tokens=False)  # parsed as one token
+
+
+def test_language_model_only_folder_is_a_llama_with_megatron_text_logits(exported):
+    path = exported["root"] / "hf_llm"
+    assert not (path / "modeling_megatron_omni.py").exists()
+    model, info = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}, info
+    ref = exported["ref"]
+    with torch.no_grad():
+        got = model.eval()(ref["text_ids"]).logits
+    assert got.shape == ref["text_logits"].shape
+    delta = (got - ref["text_logits"]).abs().max().item()
+    print(f"\n--language-model-only: LlamaForCausalLM vs megatron text logits max|d| {delta:.2e}")
+    assert delta <= TOL
