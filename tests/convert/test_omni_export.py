@@ -170,3 +170,21 @@ def test_language_model_only_folder_is_a_llama_with_megatron_text_logits(exporte
     delta = (got - ref["text_logits"]).abs().max().item()
     print(f"\n--language-model-only: LlamaForCausalLM vs megatron text logits max|d| {delta:.2e}")
     assert delta <= TOL
+
+
+def test_bf16_export_runs_forward_and_generate(exported):
+    from megatron_omni.convert import mcore_to_hf
+
+    path = exported["root"] / "hf_bf16"
+    report = mcore_to_hf(str(exported["ckpt"]), str(path), dtype="bf16")
+    assert report["dtype"] == "bfloat16"
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    assert model.dtype == torch.bfloat16
+    inputs = hf_inputs(exported["sample"])
+    with torch.no_grad():
+        got = model(**inputs).logits.float()
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    ref = exported["ref"]["logits"]
+    delta = (got - ref).abs().max().item()
+    print(f"\nbf16 folder vs fp32 megatron: max|d| {delta:.2e} (logit scale {ref.abs().max():.2f})")
+    assert delta <= 0.05 * ref.abs().max().item() and out.shape[1] == inputs["input_ids"].shape[1] + 2

@@ -92,3 +92,27 @@ def test_exported_folder_runs_the_sources_encoders(chain):
         text, text_ref = model(ids).logits[..., :TEXT_VOCAB], llama(ids).logits
     assert torch.equal(ours, getattr(ref, "pooler_output", ref))
     assert (text - text_ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"vision": {"depth": 3}}, "3 layers|has 2 layers|the config has 3"),
+    ({"vision": {"norm_epsilon": 1e-5}}, "LayerNorm eps 1e-6"),
+    ({"audio": {"conv2_stride": 3}}, "kernel 3, stride 2"),
+])
+def test_a_checkpoint_the_folder_cannot_express_is_refused_and_nothing_is_written(chain, tmp_path, change, match):
+    import shutil
+
+    import yaml
+
+    from megatron_omni.convert import ConversionError, mcore_to_hf
+
+    ckpt = tmp_path / "omni"
+    shutil.copytree(chain["root"] / "omni", ckpt)
+    bundle = yaml.safe_load((ckpt / "model.yaml").read_text())
+    for section, values in change.items():
+        bundle["omni"][section].update(values)
+    (ckpt / "model.yaml").write_text(yaml.safe_dump(bundle))
+    with pytest.raises(ConversionError, match=match) as err:
+        mcore_to_hf(str(ckpt), str(tmp_path / "hf"))
+    assert "nothing was written" in str(err.value)
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))
