@@ -354,7 +354,12 @@ def _check_tied_copies(hf, table: ModelTable, model: ModelConfig, problems: Prob
 def hf_to_mcore(hf_dir: str, out: str, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, ep: int = 1,
                 dtype: Optional[str] = None, make_vocab_size_divisible_by: int = 128,
                 overwrite: bool = False) -> Dict[str, object]:
-    """HF LlamaForCausalLM folder -> megatron-omni checkpoints root that `train.load=` resumes from."""
+    """HF LlamaForCausalLM folder -> megatron-omni checkpoints root that `train.load=` resumes from; a folder
+    `mcore-to-hf` exported from an omni checkpoint -> that omni checkpoint (convert/omni_reimport.py)."""
+    from megatron_omni.convert.omni_reimport import is_exported_omni_folder, omni_hf_to_mcore
+
+    if is_exported_omni_folder(hf_dir):
+        return omni_hf_to_mcore(hf_dir, out, tp=tp, pp=pp, vpp=vpp, dtype=dtype, overwrite=overwrite)
     started = time.time()
     _check_output(out, overwrite)
     hf = open_hf_folder(hf_dir)

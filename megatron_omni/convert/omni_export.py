@@ -207,7 +207,8 @@ def omni_to_hf(load: str, out: str, *, model_yaml: Optional[str] = None, dtype: 
         if language_model_only:
             config = LLAMA.config_to_hf(plan.llm.model, dtype=dtype_name(out_dtype), template=template)
         else:
-            config = omni_config(plan.llm.model, omni, vocab, dtype=dtype_name(out_dtype), template=template)
+            config = omni_config(plan.llm.model, omni, vocab, dtype=dtype_name(out_dtype), template=template,
+                                 bundle={"model": dataclasses.asdict(model), "omni": dataclasses.asdict(omni)})
             for name in REMOTE_CODE_FILES:
                 shutil.copy2(os.path.join(HF_DIR, name), os.path.join(tmp, name))
             write_json(os.path.join(tmp, "preprocessor_config.json"), preprocessor_config(omni))

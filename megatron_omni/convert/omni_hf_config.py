@@ -19,6 +19,8 @@ from megatron_omni.models.omni_vocab import SPECIAL_TOKENS, OmniVocab
 from megatron_omni.models.vision.config import VisionConfig
 
 ARCHITECTURE = "MegatronOmniForCausalLM"
+# config.json key holding the exact {model, omni} bundle, so that hf-to-mcore reads the folder back as it was.
+BUNDLE_KEY = "megatron_omni_bundle"
 MODEL_TYPE = "megatron_omni"
 AUTO_MAP = {
     "AutoConfig": "configuration_megatron_omni.MegatronOmniConfig",
@@ -73,8 +75,9 @@ def audio_config(a: AudioConfig) -> Dict:
 
 
 def omni_config(model: ModelConfig, omni: OmniConfig, vocab: OmniVocab, *, dtype: str,
-                template: Optional[Dict] = None) -> Dict:
-    """config.json of the omni folder; `model` has the omni vocabulary as vocab_size."""
+                template: Optional[Dict] = None, bundle: Optional[Dict] = None) -> Dict:
+    """config.json of the omni folder; `model` has the omni vocabulary as vocab_size; `bundle` is the
+    checkpoint's {model, omni} config (stored under BUNDLE_KEY)."""
     text = LLAMA.config_to_hf(model, dtype=dtype, template=template)
     ids = vocab.special_ids
     cfg = {
@@ -88,6 +91,7 @@ def omni_config(model: ModelConfig, omni: OmniConfig, vocab: OmniVocab, *, dtype
         "text_vocab_size": vocab.text_vocab_size, "audio_codebook_size": vocab.audio_codebook_size,
         "audio_code_offset": vocab.audio_code_offset,
         "tie_word_embeddings": model.tie_word_embeddings, "torch_dtype": dtype, "dtype": dtype,
+        BUNDLE_KEY: bundle,
     }
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if text.get(k) is not None:
