@@ -106,6 +106,14 @@ def _per_rank_object(key: str, obj: Any) -> ShardedObject:
     return ShardedObject(key, obj, (lay["pp"], lay["tp"], lay["dp"]), (pp, tp, dp), replica_id=0)
 
 
+def _dp_gather(obj: Any) -> list:
+    """`obj` of every data-parallel rank, in DP-rank order (a collective over the DP group)."""
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, obj, group=group)
+    return parts
+
+
 def _rng_object() -> ShardedObject:
     """This rank's RNG states (python, numpy, torch, megatron's TP tracker)."""
     return _per_rank_object("rng_state", {
@@ -146,6 +154,8 @@ def _sharded_state_dict(state: TrainState, *, is_loading: bool, with_optimizer: 
         sd["rng_state"] = _rng_object()
         if state.data_state is not None:  # this rank's data-loader position (omni loader)
             sd["data_state"] = _per_rank_object("data_state", state.data_state)
+            if not is_loading:  # and every DP rank's, in the common state: for a resume at a new layout
+                sd["data_positions"] = _dp_gather(state.data_state)
     sd["layout"] = _layout()
     return sd
 
@@ -430,6 +440,18 @@ def _load_from(state: TrainState, path: str, *, finetune: bool, schedule: str) -
             _restore_rng(loaded["rng_state"])
             if "data_state" in loaded:
                 state.data_state = loaded["data_state"]
+        elif state.data_state is not None and "data_positions" in common:
+            positions = common["data_positions"]
+            dp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+            # same DP size (TP/PP changed): this DP rank's exact position; else every old rank's,
+            # for the data source to re-split (OmniData.load_state_dict)
+            state.data_state = positions[parallel_state.get_data_parallel_rank(with_context_parallel=True)] \
+                if len(positions) == dp else positions
+            log.info("layout changed %s -> %s: data position %s", common.get("layout"), _layout(),
+                     "kept (same DP size)" if len(positions) == dp else f"re-split from {len(positions)} DP ranks")
+        elif state.data_state is not None:
+            log.warning("%s: layout changed %s -> %s and the checkpoint has no layout-independent data position "
+                        "(written before it existed): the data starts afresh", path, common.get("layout"), _layout())
     log.info(
         "loaded %s (%s; layout %s -> %s)", path, "weights only" if not with_optimizer else f"step {state.step}",
         common.get("layout"), _layout(),

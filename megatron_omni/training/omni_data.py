@@ -204,7 +204,16 @@ class OmniData:
         return {"source": self.source.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "balancer": self.balancer.state_dict() if self.balancer is not None else None}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state) -> None:
+        """A dict from `state_dict()`, or a list of them, one per DP rank of a checkpoint written at
+        another DP size: the position is re-split over this run's DP ranks (data/resplit.py); the
+        scheduler and balancer are the same on every rank."""
+        if isinstance(state, list):
+            from megatron_omni.data.resplit import resplit_source_state
+
+            source = resplit_source_state([s["source"] for s in state], parallel_state.get_data_parallel_rank(),
+                                          parallel_state.get_data_parallel_world_size())
+            state = {**state[0], "source": source}
         self.source.load_state_dict(state["source"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.balancer is not None and state.get("balancer") is not None:
