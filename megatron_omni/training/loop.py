@@ -156,7 +156,7 @@ def pretrain(
     else:
         data = build_text_data(cfg)
         iterators = data.train_iterators(cfg, len(state.model), state.consumed_samples)
-    metrics = MetricsWriter(t.output_dir, enabled=is_logger, tensorboard=t.tensorboard)
+    metrics = MetricsWriter(t.output_dir, enabled=is_logger, tensorboard=t.tensorboard, start_step=state.step)
     preemption = PreemptionHandler()
     guard = NonFiniteGuard(t.skip_nonfinite_steps)
     if guard.enabled:

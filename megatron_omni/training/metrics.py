@@ -21,22 +21,30 @@ def format_eta(seconds: float) -> str:
 class MetricsWriter:
     """Appends one JSON object per step and mirrors numeric fields to TensorBoard."""
 
-    def __init__(self, output_dir: str, *, enabled: bool, tensorboard: bool):
+    def __init__(self, output_dir: str, *, enabled: bool, tensorboard: bool, start_step: int = 0):
+        """`start_step`: the step this run starts after (the checkpoint's).  Rows of an earlier attempt
+        past it (a crash after the last checkpoint) are dropped from metrics.jsonl, and TensorBoard
+        purges its events from step `start_step + 1` on, so every step is recorded once."""
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        # Append: a resumed run continues the same file (rows past the resume step are
-        # rewritten by the resumed run, so readers take the last row per step).
-        self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", buffering=1)
+        path = os.path.join(output_dir, "metrics.jsonl")
+        dropped = _drop_rows_after(path, start_step)
+        if dropped:
+            log.info("%s: dropped %d rows past step %d written by an earlier attempt", path, dropped, start_step)
+        self._jsonl = open(path, "a", buffering=1)  # a resumed run continues the same file
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:  # tensorboard is a hard dependency; say so clearly
                 raise RuntimeError("tensorboard is not installed: pip install tensorboard") from e
-            self._tb = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
+            tb_dir = os.path.join(output_dir, "tensorboard")
+            # purge_step: TensorBoard readers discard the earlier attempt's events from that step on
+            resuming = start_step > 0 or (os.path.isdir(tb_dir) and os.listdir(tb_dir))
+            self._tb = SummaryWriter(log_dir=tb_dir, purge_step=start_step + 1 if resuming else None)
 
     def write(self, row: Dict[str, Any]) -> None:
         if not self.enabled:
@@ -53,6 +61,22 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _drop_rows_after(path: str, step: int) -> int:
+    """Rewrite `path` (atomically) without the rows whose step is past `step`; returns how many."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(keep) == len(lines):
+        return 0
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+    return len(lines) - len(keep)
 
 
 def _flatten(row: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Fixtures shared by the fault tests (tests/training/test_faults_*.py)."""
+"""Fixtures shared by the fault tests (tests/faults/)."""
 
 from __future__ import annotations
 
