@@ -110,6 +110,10 @@ class OptimizerConfig:
     # LR schedule after a resume whose lr/min_lr/warmup/decay differ from the checkpoint's:
     # "config" (Megatron-LM --override-opt_param-scheduler) or "checkpoint" (--use-checkpoint-...).
     resume_schedule: str = "config"
+    # fp16 only (train.precision=fp16): megatron's dynamic loss scaler starts here and halves on
+    # overflow (Megatron-LM --initial-loss-scale, default 2**32); loss_scale fixes it instead.
+    initial_loss_scale: float = 2.0 ** 32
+    loss_scale: Optional[float] = None
 
 
 @dataclass

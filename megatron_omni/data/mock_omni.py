@@ -22,7 +22,7 @@ from megatron_omni.models.audio.config import audio_token_count
 from megatron_omni.models.omni_vocab import OmniVocab
 from megatron_omni.models.rope import mrope_position_ids
 
-MODALITIES = ("text", "image", "video", "audio", "audio_gen")
+MODALITIES = ("text", "image", "video", "audio", "audio_gen", "preference")
 
 
 @dataclass
@@ -35,11 +35,15 @@ class _Sample:
 
 
 class MockOmniData:
-    """`next_microbatch(modality)` -> OmniMicrobatch [micro_batch_size, seq_length] for this DP rank."""
+    """`next_microbatch(modality)` -> OmniMicrobatch [micro_batch_size, seq_length] for this DP rank.
+
+    With `preference` (alignment-tuning runs, `dpo` configured) there is a "preference" stream too:
+    each row starts with a chosen and a rejected sample of the same prompt (an image question when
+    the model has vision), the layout `data/preference_stream.py` packs real DPO pairs in."""
 
     def __init__(self, omni: OmniConfig, vocab: OmniVocab, *, seq_length: int, micro_batch_size: int,
-                 seed: int, dp_rank: int = 0):
-        self.omni, self.vocab = omni, vocab
+                 seed: int, dp_rank: int = 0, preference: bool = False):
+        self.omni, self.vocab, self.preference = omni, vocab, preference
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         self.seed, self.dp_rank = seed, dp_rank
         self.consumed: Dict[str, int] = {m: 0 for m in MODALITIES}
@@ -54,6 +58,8 @@ class MockOmniData:
             out += ["audio"]
         if self.omni.audio_codebook_size:
             out += ["audio_gen"]
+        if self.preference:
+            out += ["preference"]
         return out
 
     def state_dict(self) -> dict:
@@ -103,6 +109,19 @@ class MockOmniData:
         targets = [False] * len(user) + [True] * (len(reply) - 1) + [False]
         return _Sample(tokens, targets, grids, video_grids, frames)
 
+    def _pair(self, gen: torch.Generator, room: int) -> List[_Sample]:
+        """(chosen, rejected): one prompt, two different replies; [] when the pair does not fit."""
+        chosen = self._sample("image" if self.omni.vision is not None else "audio_gen", gen, room // 2)
+        if chosen is None:
+            return []
+        user = chosen.targets.index(True)  # the reply's header is the first position with a target
+        v = self.vocab
+        reply = [v.id("<|start_header_id|>")] + self._text(gen, int(torch.randint(2, 8, (1,), generator=gen))) + \
+            [v.id("<|eot_id|>")]
+        rejected = _Sample(chosen.tokens[:user] + reply, [False] * user + [True] * (len(reply) - 1) + [False],
+                           list(chosen.grids), [], [])
+        return [chosen, rejected] if len(chosen.tokens) + len(rejected.tokens) <= room else []
+
     def validation_microbatches(self, modality: str, count: int = 2) -> List[OmniMicrobatch]:
         """A fixed held-out set per modality (its own generator stream, never drawn for training)."""
         return [self._microbatch(modality, f"val{i}") for i in range(count)]
@@ -124,9 +143,13 @@ class MockOmniData:
         bounds, grids, video_grids, frames = [0], [], [], []
         for b in range(B):
             pos = 0
+            pair = self._pair(gen, S) if modality == "preference" else []
             while pos < S:
                 room = S - pos
-                sample = self._sample(modality, gen, room) if pos == 0 or room > S // 4 else None
+                if modality == "preference":
+                    sample = pair.pop(0) if pair else None
+                else:
+                    sample = self._sample(modality, gen, room) if pos == 0 or room > S // 4 else None
                 if sample is None:  # text filler closes the row
                     sample = self._sample("text", gen, room)
                     sample = _Sample(sample.tokens + self._text(gen, room - len(sample.tokens)),

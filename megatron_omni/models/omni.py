@@ -128,9 +128,9 @@ class OmniModel(GPTModel):
         if audio_features is not None:
             if self.audio is None:
                 raise ValueError("the microbatch has audio but omni.audio is null")
-            # Float16Module casts positional inputs only: media keywords arrive fp32 (lengths stay int).
-            dtype = next(self.audio.parameters()).dtype
-            audio, _ = self.audio(audio_features.to(dtype).transpose(1, 2), audio_lengths)
+            # Float16Module casts positional inputs only: media keywords arrive fp32 and each encoder
+            # casts them itself (SAN-M after its fp32 CMVN; the vision encoder likewise).
+            audio, _ = self.audio(audio_features.transpose(1, 2), audio_lengths)
         for name, pad_id, tokens in (("<image_pad>", self.vocab.image_pad_id, image),
                                      ("<video_pad>", self.vocab.video_pad_id, video),
                                      ("<audio_pad>", self.vocab.audio_pad_id, audio)):

@@ -226,7 +226,8 @@ def build_omni_data(cfg: RunConfig, vocab, num_chunks: int, num_microbatches: in
         from megatron_omni.data.mock_omni import MockOmniData
 
         source = MockOmniData(cfg.omni, vocab, seq_length=cfg.data.seq_length,
-                              micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, dp_rank=dp_rank)
+                              micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, dp_rank=dp_rank,
+                              preference=cfg.dpo is not None)
         log.info("omni data: mock microbatches (data.mock=true), modalities %s", ", ".join(source.modalities))
         text_share = None
     else:

@@ -56,7 +56,9 @@ def wrap_ddp(cfg: RunConfig, chunks: List[torch.nn.Module], dtype: torch.dtype) 
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # fp16: an overflowing (inf/NaN) gradient is the dynamic loss scaler's business -- the
+        # optimizer skips the step and halves the scale -- not a fatal error before the all-reduce.
+        check_for_nan_in_grad=dtype != torch.float16,
     )
     wrapped = [
         DistributedDataParallel(
@@ -108,6 +110,8 @@ def build_optimizer(
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         params_dtype=dtype,
+        initial_loss_scale=o.initial_loss_scale,
+        loss_scale=o.loss_scale,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     overrides = dict(param_group_hook(cfg) or {}) if param_group_hook else {}

@@ -57,7 +57,16 @@ class CMVN(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return (x + self.shift.to(x.dtype)) * self.scale.to(x.dtype)
+        return (x.float() + self.shift) * self.scale
+
+    def _apply(self, fn, recurse=True):
+        """Device moves apply, dtype casts do not: the statistics stay fp32 under megatron's
+        Float16Module (bf16 would round a shift of -8.3 by up to 0.03, a bias on every frame)."""
+        shift, scale = self.shift.data, self.scale.data
+        super()._apply(fn, recurse)
+        self.shift.data = shift.to(self.shift.device)
+        self.scale.data = scale.to(self.scale.device)
+        return self
 
 
 class SANMAttention(nn.Module):
@@ -125,7 +134,7 @@ class SANMEncoder(ConnectedAudioEncoder):
         B, _, N = features.shape
         lengths = self.valid_lengths(features, lengths)
         x, enc_lengths = lfr_stack(features, lengths, self.audio.lfr_m, self.audio.lfr_n)
-        x = self.cmvn(x)
+        x = self.cmvn(x).to(self.final_layernorm.weight.dtype)  # fp32 CMVN, then the encoder's dtype
         assert torch.equal(enc_lengths, encoder_frame_count(lengths, self.audio))
         T = x.shape[1]
         valid = torch.arange(T, device=x.device)[None, :] < enc_lengths[:, None]

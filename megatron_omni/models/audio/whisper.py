@@ -128,6 +128,7 @@ class WhisperStyleEncoder(ConnectedAudioEncoder):
         -> (hidden [B, T, d] after the final LayerNorm, padded rows are junk; enc_lengths [B])."""
         B, _, N = features.shape
         lengths = self.valid_lengths(features, lengths)
+        features = features.to(self.conv1.weight.dtype)  # fp32 fbank into a bf16/fp16 (Float16Module) encoder
         frame_valid = (torch.arange(N, device=features.device)[None, :] < lengths[:, None]).to(features.dtype)
         x = F.gelu(self.conv1(features * frame_valid[:, None, :]))
         x = x * frame_valid[:, None, :]  # conv2 must see zeros past the clip, like its own padding
