@@ -29,7 +29,7 @@ from torch import Tensor
 from megatron_omni.config.schema import OMNI_MODULES, ModelConfig, OmniConfig, ParallelConfig
 from megatron_omni.models.llama import gpt_model_kwargs
 from megatron_omni.models.omni_vocab import OmniVocab
-from megatron_omni.models.rope import MRoPEEmbedding
+from megatron_omni.models.rope import MRoPEEmbedding, configure_mrope_attention
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class OmniModel(GPTModel):
         # Packed rows need an arbitrary (block-diagonal causal) mask instead of plain causal.
         spec.submodules.self_attention.params = {
             **spec.submodules.self_attention.params, "attn_mask_type": AttnMaskType.arbitrary}
+        configure_mrope_attention(gpt_kwargs["config"], omni.mrope_section)  # before the layers see it
         super().__init__(**gpt_kwargs)
         config = self.config
         head_dim = config.kv_channels
