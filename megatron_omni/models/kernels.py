@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Kernels:
     transformer_engine: bool  # TE layers (fused LayerNorm+Linear, FP8, fused attention, fused RoPE)
-    apex: bool  # apex fused weight-gradient accumulation / optimizers
+    apex: bool  # the apex package (fused optimizers); its CUDA extensions are checked one by one below
     cuda: bool
 
     @property
@@ -58,3 +58,24 @@ def megatron_softmax_kernels() -> bool:
     fallback) for fp16/bf16 scores with sk <= 4096 when `masked_softmax_fusion` is on."""
     return all(_importable(n) for n in (
         "scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda", "scaled_softmax_cuda"))
+
+
+def _imports(name: str) -> bool:
+    """The module really imports (a compiled extension can be found yet fail to load)."""
+    try:
+        importlib.import_module(name)
+        return True
+    except Exception:  # ImportError, OSError/undefined symbols of a mismatched build
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def weight_gradient_fusion() -> bool:
+    """`gradient_accumulation_fusion`: megatron's own linears (the output layer, every layer of the
+    local spec) raise at construction unless apex's `fused_weight_gradient_mlp_cuda` extension
+    imports -- the apex package alone (pip install apex without its CUDA extensions) is not enough."""
+    ok = torch.cuda.is_available() and _imports("fused_weight_gradient_mlp_cuda")
+    if not ok and torch.cuda.is_available():
+        log.info("gradient_accumulation_fusion off: apex's fused_weight_gradient_mlp_cuda extension does not "
+                 "import (build apex with --cuda_ext to get it)")
+    return ok

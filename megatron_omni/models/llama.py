@@ -16,7 +16,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_omni.config.schema import ModelConfig, ParallelConfig
-from megatron_omni.models.kernels import Kernels, detect_kernels, megatron_softmax_kernels
+from megatron_omni.models.kernels import Kernels, detect_kernels, megatron_softmax_kernels, weight_gradient_fusion
 
 
 def transformer_config(
@@ -76,7 +76,7 @@ def transformer_config(
         bias_activation_fusion=fused,
         bias_dropout_fusion=fused,
         apply_rope_fusion=kernels.transformer_engine,
-        gradient_accumulation_fusion=kernels.transformer_engine or kernels.apex,
+        gradient_accumulation_fusion=weight_gradient_fusion(),
         persist_layer_norm=kernels.transformer_engine,
         cross_entropy_loss_fusion=fused,
         recompute_granularity=model.recompute_granularity,

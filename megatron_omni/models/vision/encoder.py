@@ -54,7 +54,7 @@ from megatron.core.utils import init_method_normal
 from torch import Tensor, nn
 
 from megatron_omni.models.encoder_config import bidirectional_encoder_config
-from megatron_omni.models.kernels import Kernels, detect_kernels
+from megatron_omni.models.kernels import Kernels, detect_kernels, weight_gradient_fusion
 from megatron_omni.models.vision.config import VisionConfig
 
 __all__ = [
@@ -162,7 +162,7 @@ def vision_transformer_config(
         bias_activation_fusion=False,  # quick_gelu has no fused bias kernel in megatron's MLP
         bias_dropout_fusion=kernels.cuda,
         apply_rope_fusion=False,  # see module docstring: per-token freqs in THD need the unfused path
-        gradient_accumulation_fusion=kernels.transformer_engine or kernels.apex,
+        gradient_accumulation_fusion=weight_gradient_fusion(),
         recompute=cfg.recompute,
     )
 
