@@ -107,6 +107,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(f"data.seq_length={cfg.data.seq_length} must be divisible by 2*parallel.cp={2 * p.cp}")
     if m.fp8 is not None and m.transformer_impl == "local":
         raise ConfigError("model.fp8 needs model.transformer_impl=transformer_engine (or auto with TE installed)")
+    if m.fp8 is not None and m.fp8_recipe == "mxfp8":
+        _require_blackwell()
     if p.cp > 1 and not detect_kernels(m.transformer_impl).transformer_engine:
         raise ConfigError(
             f"parallel.cp={p.cp} needs Transformer Engine attention (megatron's local attention has no "
@@ -135,6 +137,20 @@ _MINIMUMS = (
     ("optimizer.lr_decay_steps", 1, True), ("optimizer.clip_grad", 0, False),
     ("parallel.distributed_timeout_minutes", 1, False),
 )
+
+
+def _require_blackwell() -> None:
+    """MXFP8 (microscaled FP8) is a Blackwell tensor-core format: compute capability >= 10.0."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("model.fp8_recipe=mxfp8 needs a Blackwell GPU (compute capability >= 10.0) and none is "
+                          "visible; use model.fp8_recipe=delayed or tensorwise")
+    major, minor = torch.cuda.get_device_capability()
+    if major < 10:
+        raise ConfigError(f"model.fp8_recipe=mxfp8 needs a Blackwell GPU (compute capability >= 10.0), this one is "
+                          f"{major}.{minor} ({torch.cuda.get_device_name()}); use model.fp8_recipe=delayed or "
+                          "tensorwise (Hopper FP8)")
 
 
 def _validate_sizes(cfg: RunConfig) -> None:
