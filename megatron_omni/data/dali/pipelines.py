@@ -52,18 +52,40 @@ def video_codec_supported(codec: str) -> bool:
 _local = threading.local()  # DALI pipelines are not thread-safe: one set per thread
 
 
+def rank_device_index() -> int:
+    """This rank's GPU: LOCAL_RANK, the device `parallel/initialize.py` selects for the main thread.
+    A prefetch or DataLoader thread starts on device 0 whatever the main thread chose (the CUDA
+    device is per thread), so decode threads must not read `torch.cuda.current_device()`."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _select_thread_device() -> None:
+    """GPU decoding: this thread's CUDA device := the rank's, once per thread (DALI outputs are copied
+    into torch tensors on the current device and stream)."""
+    if getattr(_local, "device_index", None) is None:
+        _local.device_index = rank_device_index()
+        torch.cuda.set_device(_local.device_index)
+
+
 def _pipeline(kind: str):
     pipes: Dict[Tuple[str, str], object] = _local.__dict__.setdefault("pipes", {})
     key = (kind, device())
     if key not in pipes:
+        if device() == "gpu":
+            _select_thread_device()
         pipes[key] = _BUILDERS[kind](device())
     return pipes[key]
+
+
+def pipeline_device_id(dev: str):
+    """DALI `device_id`: the rank's GPU for the GPU path, None (CPU-only operators) otherwise."""
+    return rank_device_index() if dev == "gpu" else None
 
 
 def _new_pipeline(dev: str):
     from nvidia.dali import Pipeline
 
-    device_id = torch.cuda.current_device() if dev == "gpu" else None
+    device_id = pipeline_device_id(dev)
     # prefetch_queue_depth=1 lets run() take named inputs; one worker thread per pipeline because the
     # omni loader parallelises over samples (DataLoader workers), not inside one decode.
     return Pipeline(batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1,
