@@ -21,9 +21,11 @@ RUN pip install --no-deps "megatron-core==0.16.1"
 
 # What megatron-omni needs beyond the image.  sentencepiece, psutil, pyyaml and tensorboard are normally
 # in NGC already (then this is a no-op); av (PyAV, media decoding) is not.
-# torchaudio is NOT installed: a PyPI wheel is built against upstream torch, not NGC's build; use the
-# image's if it has one.
 RUN pip install sentencepiece psutil pyyaml tensorboard av
+# torchaudio (the reference audio resampler): the image's when it has one, else the PyPI wheel without
+# dependencies (it must not replace NGC's torch).  Should its extension not load against NGC's torch
+# build, data/media/audio.py resamples with PyAV (FFmpeg) instead and logs that once.
+RUN python -c "import torchaudio" 2>/dev/null || pip install --no-deps torchaudio
 
 WORKDIR /workspace/megatron-omni
 COPY . .

@@ -8,10 +8,11 @@ import torch
 from torch import Tensor
 
 from megatron_omni.data import dali
-from megatron_omni.data.media.backends import check_wav_complete, choose_audio, sniff_audio
+from megatron_omni.data.media.backends import check_wav_complete, choose_audio, log_once, sniff_audio
 from megatron_omni.data.media.errors import MediaError, read_bytes
 from megatron_omni.data.media.fbank import KALDI_WAVE_SCALE, frame_count, kaldi_fbank
 from megatron_omni.data.media.pyav_decode import decode_audio as pyav_decode_audio
+from megatron_omni.data.media.pyav_decode import resample_audio as pyav_resample
 from megatron_omni.models.audio.config import AudioConfig
 
 
@@ -19,7 +20,8 @@ def load_waveform(path: str, *, sample_rate: int = 16000, backend: Optional[str]
     """Audio file -> [num_samples] float32 mono in [-1, 1] at `sample_rate`.
 
     Decoded by DALI (WAV, FLAC, Ogg Vorbis / Opus) or PyAV (everything FFmpeg reads, MP3 included),
-    downmixed by channel mean, then resampled with torchaudio's sinc resampler.
+    downmixed by channel mean, then resampled with torchaudio's sinc resampler (FFmpeg's without
+    torchaudio, see `resample`).
     """
     data = read_bytes(path)
     fmt = sniff_audio(data)
@@ -32,7 +34,6 @@ def load_waveform(path: str, *, sample_rate: int = 16000, backend: Optional[str]
     if not usable:
         raise MediaError(path, f"backend 'dali' cannot decode {fmt} audio (DALI reads wav, flac, ogg)")
     import av
-    import torchaudio
 
     if name == "dali":
         try:
@@ -48,8 +49,19 @@ def load_waveform(path: str, *, sample_rate: int = 16000, backend: Optional[str]
     if rate != sample_rate:
         # One resampler for every backend (torchaudio's windowed sinc, anti-aliased), so features do
         # not depend on which decoder read the file.
-        wave = torchaudio.functional.resample(wave, rate, sample_rate)
+        wave = resample(wave, rate, sample_rate)
     return wave
+
+
+def resample(wave: Tensor, rate: int, target: int) -> Tensor:
+    """torchaudio's sinc resampler, or FFmpeg's (PyAV) when torchaudio does not import (one log line)."""
+    try:
+        import torchaudio
+    except ImportError as e:
+        log_once("audio resampling", "pyav", f"torchaudio does not import ({e}); FFmpeg swresample instead "
+                 "(pip install torchaudio matching this torch for the reference resampler)")
+        return torch.from_numpy(pyav_resample(wave.numpy(), rate, target))
+    return torchaudio.functional.resample(wave, rate, target)
 
 
 def load_audio(path: str, *, audio: AudioConfig, sample_rate: int = 16000, backend: Optional[str] = None
