@@ -57,7 +57,7 @@ def resample(wave: Tensor, rate: int, target: int) -> Tensor:
     """torchaudio's sinc resampler, or FFmpeg's (PyAV) when torchaudio does not import (one log line)."""
     try:
         import torchaudio
-    except ImportError as e:
+    except (ImportError, OSError) as e:  # OSError: a wheel whose extension does not match this torch
         log_once("audio resampling", "pyav", f"torchaudio does not import ({e}); FFmpeg swresample instead "
                  "(pip install torchaudio matching this torch for the reference resampler)")
         return torch.from_numpy(pyav_resample(wave.numpy(), rate, target))
