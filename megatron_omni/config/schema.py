@@ -84,6 +84,9 @@ class ParallelConfig:
     last_stage_num_layers: Optional[int] = None
     # "auto": nccl with GPUs, gloo (with CUDA emulated on CPU) without.
     backend: str = "auto"  # auto | nccl | gloo
+    # CPU emulation of CUDA (parallel/cpu_emulation.py): "auto" only where no GPU can exist (no NVIDIA
+    # driver or device at all; a present but failing one is an error), "on" forces it, "off" refuses it.
+    cuda_emulation: str = "auto"  # auto | on | off
     distributed_timeout_minutes: int = 10
 
 

@@ -12,6 +12,7 @@ _CHOICES = {
     "model.fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
     "model.recompute_granularity": (None, "full", "selective"),
     "parallel.backend": ("auto", "nccl", "gloo"),
+    "parallel.cuda_emulation": ("auto", "on", "off"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "optimizer.optimizer": ("adam", "sgd"),
     "optimizer.lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
