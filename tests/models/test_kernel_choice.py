@@ -34,7 +34,8 @@ def test_apex_without_its_extension_keeps_fusion_off(gpu_machine, caplog):
 
 
 def test_fusion_on_when_the_extension_imports(gpu_machine):
-    gpu_machine.setitem(sys.modules, "fused_weight_gradient_mlp_cuda", types.ModuleType("fused_weight_gradient_mlp_cuda"))
+    extension = "fused_weight_gradient_mlp_cuda"
+    gpu_machine.setitem(sys.modules, extension, types.ModuleType(extension))
     assert kernels.weight_gradient_fusion() is True
 
 
