@@ -167,6 +167,7 @@ def save_checkpoint(state: TrainState, root: str, extra: Optional[Dict[str, Any]
 
     Refuses (before writing anything) when a parameter is non-finite.  `protect` (the checkpoint
     this run loaded) is never pruned, nor is the new one."""
+    from megatron_omni.training.fault_injection import maybe_inject
     from megatron_omni.training.guards import NonFiniteError, parameters_finite
 
     if not parameters_finite(state.model):
@@ -189,6 +190,7 @@ def save_checkpoint(state: TrainState, root: str, extra: Optional[Dict[str, Any]
     )
     try:
         dist_checkpointing.save(sd, path, sharded_strategy=strategy)
+        maybe_inject("save", state.step)  # tests/faults/: a crash or a full disk before the commit
     except (OSError, RuntimeError) as exc:
         if "No space left" not in str(exc) and getattr(exc, "errno", None) != errno.ENOSPC:
             raise

@@ -21,6 +21,7 @@ from megatron_omni.parallel.layout import unwrap
 from megatron_omni.training import flops
 from megatron_omni.training.checkpoint import check_overwrite, load_checkpoint, loaded_path, save_checkpoint
 from megatron_omni.training.guards import NonFiniteError, NonFiniteGuard, disable_ddp_nan_check
+from megatron_omni.training.fault_injection import maybe_inject
 from megatron_omni.training.metrics import MetricsWriter, progress_line, timers_line
 from megatron_omni.training.preemption import PreemptionHandler
 from megatron_omni.training.setup import (
@@ -190,6 +191,7 @@ def pretrain(
         if profiler is not None:
             profiler.step_begin(state.step + 1)
         start = time.time()
+        maybe_inject("step", state.step + 1)  # tests/faults/ only: inert without $MEGATRON_OMNI_INJECT_FAULT
         step_iterators, step_forward = iterators, forward_step_func
         if omni_data is not None:
             step_iterators, step_forward = omni_data.step_iterators(state.step, state.model), omni_data.forward_step_func
