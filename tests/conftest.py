@@ -9,3 +9,18 @@ import pytest
 def data_cache(tmp_path_factory):
     """One tokenized copy of the bundled corpus shared by every training run of the session."""
     return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The demo data set of tools/make_demo_data.py (every modality, ~0.6 MB, ~5 s), built once;
+    copy it before changing it."""
+    import subprocess
+    import sys
+
+    from tests.helpers.launch import REPO
+
+    out = tmp_path_factory.mktemp("demo")
+    subprocess.run([sys.executable, "tools/make_demo_data.py", "--out", str(out)], cwd=REPO, check=True,
+                   capture_output=True, timeout=300)
+    return out

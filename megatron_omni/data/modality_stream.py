@@ -217,11 +217,13 @@ class ModalityStream:
 
     def _log_bad(self, key: Key, reason: str, exc: Optional[BaseException]) -> None:
         """One JSON line per distinct bad sample in `config.bad_samples_log` (the run directory's
-        bad_samples.jsonl): source, manifest line / id / media as the source describes it, error."""
+        bad_samples.jsonl): DP rank, source, manifest line / id / media as the source describes it, error."""
         path = self.config.bad_samples_log
         if path is None:
             return
-        row = {"modality": self.modality, "source": key[0], "index": key[1], "sample": self.describe(key),
+        # per DP rank: each rank remembers (and so lists) the bad samples its own shard met
+        row = {"dp_rank": self.order.dp_rank, "modality": self.modality, "source": key[0], "index": key[1],
+               "sample": self.describe(key),
                "reason": reason, "error": repr(exc) if exc is not None else None}
         with _LOG_LOCK, open(path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -5,22 +5,18 @@ resume of the loader position, and the stage chain PT-1 -> PT-2 (weights carried
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
-from tests.helpers.launch import REPO, metrics, train
+from tests.helpers.launch import metrics, train
 
 CONFIG = "configs/tiny/pt_stage3.yaml"
 RUN = ["data.seq_length=256", "train.micro_batch_size=1", "train.global_batch_size=8", "optimizer.lr_warmup_steps=1"]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    subprocess.run([sys.executable, "tools/make_demo_data.py", "--out", str(out)], cwd=REPO, check=True,
-                   capture_output=True, timeout=300)
-    return out
+def demo(demo_data):
+    return demo_data
 
 
 def _run(nproc, out, overrides, demo, config=CONFIG, **kw):

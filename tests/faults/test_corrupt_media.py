@@ -1,0 +1,36 @@
+"""5 % of the demo data set's media files broken (truncated images, videos and audio, one emptied
+file): a two-rank run trains all its steps, skips each broken sample once per rank and lists it
+in bad_samples.jsonl, never a crash."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from tests.helpers.launch import metrics, train
+
+MEDIA = ("*.jpg", "*.png", "*.mp4", "*.webm", "*.opus", "*.wav")
+
+
+def test_two_ranks_train_through_five_percent_broken_media(demo_data, tmp_path):
+    data = tmp_path / "demo"
+    shutil.copytree(demo_data, data)
+    files = sorted(p for pattern in MEDIA for p in data.rglob(pattern))
+    victims = files[::20]  # 5 %, spread over the kinds (sorted by folder)
+    assert len(victims) >= 4 and len({v.suffix for v in victims}) >= 3
+    for victim in victims[1:]:
+        victim.write_bytes(victim.read_bytes()[: max(64, victim.stat().st_size // 3)])  # a cut-off download
+    victims[0].write_bytes(b"")
+    out = tmp_path / "run"
+    train(2, out, ["data.seq_length=256", "train.micro_batch_size=1", "train.global_batch_size=8",
+                   "train.steps=8", f"data.root={data}", "train.load=null"],
+          cache_dir=out / "cache", config="configs/tiny/pt_stage3.yaml")
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["skipped_samples"] >= 1
+    bad = [json.loads(line) for line in (out / "bad_samples.jsonl").read_text().splitlines()]
+    assert bad, "the broken samples are listed"
+    names = {v.name for v in victims}
+    assert all(any(n in json.dumps(row) for n in names) for row in bad), bad
+    keys = [(row["dp_rank"], row["modality"], row["source"], row.get("index")) for row in bad]
+    assert len(keys) == len(set(keys)), "each broken sample is listed once per rank"
