@@ -263,6 +263,24 @@ def _build_target(table: ModelTable, model: ModelConfig, layout: Layout, dtype: 
     return sd
 
 
+def write_iteration(tmp: str, sd: Dict[str, object], provider: mcore_io.Provider, layout: Layout,
+                    conversion: Dict[str, object], expected: Dict[str, Tuple[int, ...]]) -> None:
+    """megatron save of `sd` (streamed from `provider`) as <tmp>/iter_0000000 + the tracker file, with the
+    layout and the conversion provenance in the common state; the written metadata must hold exactly
+    the `expected` tensors (key -> global shape)."""
+    sd["layout"] = layout.common()
+    sd["conversion"] = conversion
+    path = os.path.join(tmp, f"iter_{STEP:07d}")
+    os.makedirs(path)
+    mcore_io.save_streaming(sd, path, provider)
+    written = {k: s for k, (s, _) in mcore_io.CheckpointReader(path).tensors.items()}
+    if written != {k: tuple(v) for k, v in expected.items()}:
+        raise RuntimeError(f"written checkpoint does not hold the planned tensors: "
+                           f"{sorted(set(written) ^ set(expected))}")
+    with open(os.path.join(tmp, mcore_io.TRACKER_FILE), "w") as f:
+        f.write(str(STEP))
+
+
 def _write_checkpoint(tmp: str, sd: Dict[str, object], provider: mcore_io.Provider, *, table: ModelTable,
                       model: ModelConfig, dims: Dims, layout: Layout, dtype: torch.dtype,
                       source: Dict[str, object]) -> None:
@@ -274,18 +292,8 @@ def _write_checkpoint(tmp: str, sd: Dict[str, object], provider: mcore_io.Provid
         "make_vocab_size_divisible_by": model.make_vocab_size_divisible_by,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    sd["layout"] = layout.common()
-    sd["conversion"] = conversion
-    path = os.path.join(tmp, f"iter_{STEP:07d}")
-    os.makedirs(path)
-    mcore_io.save_streaming(sd, path, provider)
-    reader = mcore_io.CheckpointReader(path)
-    written = {k: s for k, (s, _) in reader.tensors.items()}
     expected = table.checkpoint_shapes(model, dims)
-    if written != {k: tuple(v) for k, v in expected.items()}:
-        raise RuntimeError(f"written checkpoint does not hold the planned tensors: {sorted(written)} vs {sorted(expected)}")
-    with open(os.path.join(tmp, mcore_io.TRACKER_FILE), "w") as f:
-        f.write(str(STEP))
+    write_iteration(tmp, sd, provider, layout, conversion, expected)
     _dump_model(model, os.path.join(tmp, MODEL_FILE))
     write_json(os.path.join(tmp, CONVERSION_FILE), conversion)
 

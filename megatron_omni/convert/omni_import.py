@@ -39,7 +39,6 @@ from megatron_omni.convert.convert import (
     CONVERSION_FILE,
     HF_SOURCE,
     MODEL_FILE,
-    STEP,
     Layout,
     _atomic_output,
     _check_output,
@@ -51,6 +50,7 @@ from megatron_omni.convert.convert import (
     _shape,
     dtype_name,
     parse_dtype,
+    write_iteration,
 )
 from megatron_omni.convert.errors import ConversionError, ProblemList
 from megatron_omni.convert.hf_folder import TOKENIZER_FILES, copy_files, open_hf_folder, write_json
@@ -308,16 +308,6 @@ def omni_from_hf(llm_dir: str, out: str, *, vision_dir: Optional[str] = None, au
                 problems.add("target tensors not written", f"{key} {_shape(target[key])}")
         problems.raise_if_any()
 
-        layered = {k for (k, layer) in plan if layer is not None}
-        cache = _LastTensor()
-
-        def provider(chunk: mcore_io.Chunk) -> torch.Tensor:
-            layer = chunk.offsets[0] if chunk.key in layered else None
-            full = cache.get((chunk.key, layer), lambda: plan[(chunk.key, layer)](chunk.dtype))
-            piece = _slice(full, chunk, layer)
-            progress.tick(piece, f"{chunk.key} layer {layer}")
-            return piece
-
         source_info = {"llm": os.path.abspath(llm_dir)}
         source_info.update({s.role: os.path.abspath(s.path) for s in sources})
         conversion = {
@@ -330,19 +320,8 @@ def omni_from_hf(llm_dir: str, out: str, *, vision_dir: Optional[str] = None, au
             "seed": seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         with _atomic_output(out, overwrite) as tmp:
-            sd["layout"] = layout.common()
-            sd["conversion"] = conversion
-            path = os.path.join(tmp, f"iter_{STEP:07d}")
-            os.makedirs(path)
-            mcore_io.save_streaming(sd, path, provider)
-            written = {k: s for k, (s, _) in mcore_io.CheckpointReader(path).tensors.items()}
-            if written != {k: tuple(v) for k, v in target.items()}:
-                raise RuntimeError(f"written checkpoint does not hold the planned tensors: "
-                                   f"{sorted(set(written) ^ set(target))}")
-            with open(os.path.join(tmp, mcore_io.TRACKER_FILE), "w") as f:
-                f.write(str(STEP))
-            _write_bundle(tmp, model, omni, source_info)
-            write_json(os.path.join(tmp, CONVERSION_FILE), conversion)
+            write_omni_checkpoint(tmp, sd, target, plan, layout=layout, conversion=conversion, progress=progress,
+                                  model=model, omni=omni, sources=source_info)
             os.makedirs(os.path.join(tmp, HF_SOURCE))
             copy_files(llm_dir, os.path.join(tmp, HF_SOURCE), ("config.json", "generation_config.json") + TOKENIZER_FILES)
             for s in sources:
@@ -361,6 +340,28 @@ def omni_from_hf(llm_dir: str, out: str, *, vision_dir: Optional[str] = None, au
     for s in sources:
         s.close()
     return {"out": os.path.abspath(out), **report}
+
+
+def write_omni_checkpoint(tmp: str, sd: Dict[str, object], target: Dict[str, Tuple[int, ...]],
+                          plan: Dict[Tuple[str, Optional[int]], Producer], *, layout: Layout,
+                          conversion: Dict[str, object], progress: _Progress, model: ModelConfig, omni: OmniConfig,
+                          sources: Dict[str, str]) -> None:
+    """Stream `plan` ((key, layer or None) -> producer of that full tensor in a dtype) into <tmp> as an
+    omni checkpoints root: iter_0000000 (checked to hold exactly `target`), the tracker, model.yaml /
+    llm.yaml / omni.yaml and conversion.json.  One tensor is in memory at a time."""
+    layered = {k for (k, layer) in plan if layer is not None}
+    cache = _LastTensor()
+
+    def provider(chunk: mcore_io.Chunk) -> torch.Tensor:
+        layer = chunk.offsets[0] if chunk.key in layered else None
+        full = cache.get((chunk.key, layer), lambda: plan[(chunk.key, layer)](chunk.dtype))
+        piece = _region(types.SimpleNamespace(layer=layer), chunk, full)  # _region reads .layer only
+        progress.tick(piece, f"{chunk.key} layer {layer}")
+        return piece
+
+    write_iteration(tmp, sd, provider, layout, conversion, target)
+    _write_bundle(tmp, model, omni, sources)
+    write_json(os.path.join(tmp, CONVERSION_FILE), conversion)
 
 
 def _slice(full: torch.Tensor, chunk: mcore_io.Chunk, layer: Optional[int]) -> torch.Tensor:
