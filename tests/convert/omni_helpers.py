@@ -77,3 +77,15 @@ def edit_config(path: Path, **changes) -> None:
             node = node[p]
         node[leaf] = value
     cfg_path.write_text(json.dumps(cfg))
+
+
+def make_hf_vision_tower(path: Path, seed: int = 3, **vision) -> Path:
+    """A standalone Qwen2-VL vision tower (Qwen2VisionTransformerPretrainedModel) saved with save_pretrained."""
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    torch.manual_seed(seed)
+    model = Qwen2VisionTransformerPretrainedModel(Qwen2VLVisionConfig(**{**VISION, **vision})).float()
+    _perturb_norms(model)
+    model.save_pretrained(path)
+    return path

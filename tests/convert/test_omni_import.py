@@ -19,7 +19,13 @@ from megatron_omni.convert.omni_import import find_omni_config, omni_from_hf
 from megatron_omni.convert.omni_mapping import audio_table, vision_table
 from megatron_omni.models.omni_vocab import OmniVocab
 from tests.convert.convert_helpers import SPECS, convert, forward, hf_logits, make_hf_llama
-from tests.convert.omni_helpers import edit_config, folder_tensors, make_hf_qwen2vl, make_hf_whisper
+from tests.convert.omni_helpers import (
+    edit_config,
+    folder_tensors,
+    make_hf_qwen2vl,
+    make_hf_vision_tower,
+    make_hf_whisper,
+)
 
 CODEBOOK = 64
 SEED = 1234
@@ -107,6 +113,37 @@ def test_connectors_follow_the_layout_invariant_init(converted):
     for key in ("audio.connector.linear_fc1.weight", "audio.connector.linear_fc2.weight",
                 "audio.connector.linear_fc2.bias"):
         assert torch.equal(reader.read({"t": (key, None)})["t"], params[key].detach()), key
+
+
+def test_standalone_tower_with_another_merger_width(parts, tmp_path):
+    """A vision-tower folder whose merger projects to 32 (the LLM is 64 wide): the tower is copied, the
+    merger's last projection re-initialised (and its source reported dropped); 1 process, TP1."""
+    tower = make_hf_vision_tower(tmp_path / "tower", hidden_size=32)
+    report = omni_from_hf(str(parts["llm"]), str(tmp_path / "omni"), vision_dir=str(tower), audio_codebook_size=8)
+    assert {"vision.merger.linear_fc2.weight", "vision.merger.linear_fc2.bias"} <= set(report["initialised"])
+    assert {"vision:merger.mlp.2.weight", "vision:merger.mlp.2.bias"} == set(report["dropped"])
+    _, omni = find_omni_config(str(tmp_path / "omni"))
+    reader, src = CheckpointReader(str(tmp_path / "omni")), folder_tensors(tower)
+    for b in vision_table(omni.vision).bindings():
+        if not b.key.startswith("vision.merger.linear_fc2"):
+            back = b.to_source(reader.read({"t": (b.key, b.index)})["t"])
+            assert all(torch.equal(x, src[n]) for x, n in zip(back, b.source)), b.key
+    assert reader.read({"w": ("vision.merger.linear_fc2.weight", None)})["w"].shape == (64, 128)
+
+
+def test_whisper_for_conditional_generation_folder(tmp_path):
+    """The encoder sits under model.encoder.; the decoder (and proj_out when saved) is dropped with a reason."""
+    from transformers import WhisperForConditionalGeneration
+
+    from megatron_omni.convert.omni_sources import open_audio
+
+    make_hf_whisper(tmp_path / "w")
+    WhisperForConditionalGeneration.from_pretrained(tmp_path / "w").save_pretrained(tmp_path / "wcg")
+    src = open_audio(str(tmp_path / "wcg"), 64, None)
+    assert (src.kind, src.prefix, src.config.num_layers, src.config.downsample_factor) == ("whisper", "model.encoder.", 2, 4)
+    assert src.drops and all(n.startswith(("model.decoder.", "proj_out.")) for n in src.drops)
+    consumed = {src.prefix + n for b in src.table.bindings() for n in b.source}
+    assert set(src.tensors) == consumed | set(src.drops)
 
 
 # --------------------------------------------------------------------------------------
