@@ -141,8 +141,16 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 def fill_new_vocab_rows(full: torch.Tensor, text_rows: int, new_rows: int, seed: int, name: str) -> torch.Tensor:
     """Rows [text_rows, text_rows + new_rows) of `full` := mean of rows [0, text_rows) + seeded noise (in place)."""
-    src = full[:text_rows].float()
-    mean, std = src.mean(0), src.std(0)
+    total = torch.zeros(full.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, text_rows, 4096):  # in row blocks: no fp32 copy of a 128k-row embedding
+        block = full[start:min(start + 4096, text_rows)].double()
+        total += block.sum(0)
+        squares += (block * block).sum(0)
+        del block
+    mean = total / text_rows
+    std = ((squares - text_rows * mean * mean).clamp(min=0) / max(text_rows - 1, 1)).sqrt()
+    mean, std = mean.float(), std.float()
     noise = torch.randn((new_rows, full.shape[1]), generator=_generator(seed, name + ":new_rows"))
     full[text_rows:text_rows + new_rows] = (mean + noise * (NEW_ROW_NOISE * std)).to(full.dtype)
     return full
