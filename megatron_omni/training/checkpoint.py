@@ -304,9 +304,10 @@ def _check_model_matches(sd: Dict[str, Any], stored: Dict[str, Any], path: str) 
         return
     omni = any(k.startswith(("vision.", "audio.")) for k in missing)
     hint = (" This looks like a language-model-only checkpoint (e.g. tools/convert_checkpoint.py hf-to-mcore) "
-            "given to an omni model: the omni vocabulary is larger and the encoders are not in it.  Starting "
-            "an omni model from pretrained LLM / encoder weights is not supported yet; start PT-1 from scratch "
-            "or from an omni checkpoint." if omni else "")
+            "given to an omni model: the omni vocabulary is larger and the encoders are not in it.  Build the omni "
+            "checkpoint from the pretrained parts with `tools/convert_checkpoint.py omni-from-hf --llm LLAMA_DIR "
+            "[--vision DIR] [--audio DIR] --out OUT` and start PT-1 with train.pretrained_checkpoint=OUT."
+            if omni else "")
     raise RuntimeError(f"{path}: checkpoint does not match the model: {len(missing)} tensors missing "
                        f"{missing[:4]}, {len(reshaped)} with another shape {reshaped[:3]}.{hint}")
 
