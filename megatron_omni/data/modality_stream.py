@@ -17,7 +17,7 @@ import logging
 import threading
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Deque, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
@@ -104,8 +104,8 @@ class TooManyBadSamples(RuntimeError):
 
 
 def _pinned(batch: OmniMicrobatch) -> OmniMicrobatch:
-    return replace(batch, **{f.name: getattr(batch, f.name).pin_memory() for f in fields(batch)
-                             if isinstance(getattr(batch, f.name), torch.Tensor)})
+    return batch.with_tensors(**{f.name: getattr(batch, f.name).pin_memory() for f in fields(batch)
+                                 if isinstance(getattr(batch, f.name), torch.Tensor)})
 
 
 class ModalityStream:

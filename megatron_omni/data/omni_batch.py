@@ -26,8 +26,9 @@ Contract between `megatron_omni.data` (which builds it) and `megatron_omni.model
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Optional
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -74,6 +75,10 @@ class OmniMicrobatch:
     audio_features: Optional[Tensor] = None
     audio_lengths: Optional[Tensor] = None
     modality: str = "text"
+    # {placeholder token id: occurrences in tokens}, python ints counted on the host when the
+    # microbatch is built (`count_placeholders`): the model checks its encoders' token counts
+    # against them without reading device memory.
+    placeholder_counts: Optional[Dict[int, int]] = field(default=None, compare=False)
 
     def __post_init__(self):
         B, S = self.tokens.shape
@@ -89,6 +94,17 @@ class OmniMicrobatch:
         if not bool(torch.isin(row_starts, cu.cpu()).all()):
             raise ValueError("cu_seqlens must have a boundary at every row start")
 
+    def count_placeholders(self, ids: Sequence[int]) -> Dict[int, int]:
+        """{id: occurrences in tokens} for `ids`, counted once (one host read; call it where the
+        microbatch is built, on its host tensors) and kept in `placeholder_counts`."""
+        have = self.placeholder_counts or {}
+        missing = [i for i in ids if i not in have]
+        if missing:
+            wanted = torch.tensor(missing, dtype=self.tokens.dtype, device=self.tokens.device)
+            counts = (self.tokens.reshape(-1, 1) == wanted).sum(0).tolist()
+            self.placeholder_counts = have = {**have, **dict(zip(missing, counts))}
+        return {i: have[i] for i in ids}
+
     @property
     def max_seqlen(self) -> int:
         return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
@@ -96,13 +112,23 @@ class OmniMicrobatch:
     def segment_ids(self) -> Tensor:
         """[B, S] index of the packed segment every token belongs to."""
         lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
-        seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+        seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths,
+                                      output_size=self.tokens.numel())
         return seg.view(self.tokens.shape)
 
-    def to(self, device, non_blocking: bool = False) -> "OmniMicrobatch":
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Tensor):
-                moved[f.name] = value.to(device, non_blocking=non_blocking)
-        return replace(self, **moved)
+    def to(self, device, non_blocking: bool = False, only: Optional[Iterable[str]] = None) -> "OmniMicrobatch":
+        """A copy with the tensor fields in `only` (default: all) on `device`; the other fields keep
+        their tensors where they are (no copy).  Not re-validated: the fields were checked when the
+        microbatch was built, and validating reads cu_seqlens on the host (a device sync)."""
+        names = {f.name for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        if only is not None:
+            names &= set(only)
+        return self.with_tensors(**{n: getattr(self, n).to(device, non_blocking=non_blocking) for n in names})
+
+    def with_tensors(self, **tensors: Tensor) -> "OmniMicrobatch":
+        """A shallow copy with the given fields replaced, without re-running `__post_init__`
+        (for copies of a validated microbatch: device moves, pinning)."""
+        out = copy.copy(self)
+        for name, value in tensors.items():
+            setattr(out, name, value)
+        return out

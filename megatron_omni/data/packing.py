@@ -260,7 +260,8 @@ def packed_attention_mask(cu_seqlens: Tensor, batch_size: int, seq_length: int) 
     cu_seqlens segment, nothing across segments.  The dense equivalent of the varlen (THD)
     attention that flash-attention/TE run from cu_seqlens directly; for CPU and tests."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths)
+    segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths,
+                                      output_size=batch_size * seq_length)  # known: no device sync
     segment = segment.view(batch_size, seq_length)
     same = segment.unsqueeze(2) == segment.unsqueeze(1)
     causal = torch.ones(seq_length, seq_length, dtype=torch.bool, device=cu_seqlens.device).tril()

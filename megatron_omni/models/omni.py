@@ -106,6 +106,7 @@ class OmniModel(GPTModel):
             raise ValueError("the microbatch has images/videos but omni.vision is null")
         out = self.vision(torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts]).long())
         m2 = self.vision.cfg.spatial_merge_size ** 2
+        # grid_thw is host metadata in training (training/stage_inputs.py): no device sync
         n_img = int(grid_thw.long().prod(-1).sum()) // m2 if pixel_values is not None else 0
         return (out[:n_img] if pixel_values is not None else None,
                 out[n_img:] if pixel_values_videos is not None else None)
@@ -120,10 +121,13 @@ class OmniModel(GPTModel):
         video_grid_thw: Optional[Tensor] = None,
         audio_features: Optional[Tensor] = None,
         audio_lengths: Optional[Tensor] = None,
+        placeholder_counts: Optional[Dict[int, int]] = None,
     ) -> Tensor:
-        """Decoder input [S, B, H] (sequence-parallel scattered when SP is on)."""
+        """Decoder input [S, B, H] (sequence-parallel scattered when SP is on).  `placeholder_counts`
+        ({pad id: count}, `OmniMicrobatch.count_placeholders`) spares counting the slots on the device."""
         emb = self.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H], not scattered
         x = emb.transpose(0, 1)
+        counts = placeholder_counts or {}
         image, video = self._encode_visual(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         audio = None
         if audio_features is not None:
@@ -136,7 +140,8 @@ class OmniModel(GPTModel):
                                      ("<video_pad>", self.vocab.video_pad_id, video),
                                      ("<audio_pad>", self.vocab.audio_pad_id, audio)):
             slots = input_ids == pad_id
-            n_slots, n_tokens = int(slots.sum()), 0 if tokens is None else tokens.shape[0]
+            n_slots = counts[pad_id] if pad_id in counts else int(slots.sum())
+            n_tokens = 0 if tokens is None else tokens.shape[0]
             if n_slots != n_tokens:
                 raise ValueError(
                     f"{n_slots} {name} tokens in the microbatch but the encoder produced {n_tokens} "

@@ -95,3 +95,8 @@ class OmniVocab:
     @property
     def audio_pad_id(self) -> int:
         return self.id("<audio_pad>")
+
+    @property
+    def placeholder_ids(self) -> tuple:
+        """(<image_pad>, <video_pad>, <audio_pad>): the slots the encoders' tokens fill."""
+        return self.image_pad_id, self.video_pad_id, self.audio_pad_id

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron_omni.config import ConfigError, RunConfig, data_parallel_size, dump_config, validate
 from megatron_omni.models.init import init_weights_layout_invariant
 from megatron_omni.models.llama import build_llama_chunks
-from megatron_omni.models.moe.stats import collect_routing_stats
+from megatron_omni.models.moe.stats import collect_routing_stats, set_routing_stats_enabled
 from megatron_omni.parallel.initialize import initialize_distributed, set_random_seeds
 from megatron_omni.parallel.layout import unwrap
 from megatron_omni.training import flops
@@ -81,6 +81,11 @@ def apply_lora_from_config(chunks, cfg: RunConfig) -> None:
     rank = lo.rank or lora_rank_for_fraction(cfg.model, lo.fraction)
     apply_lora(chunks, tuple(lo.targets), rank=rank, alpha=lo.alpha or float(rank), dropout=lo.dropout,
                seed=cfg.train.seed, within="decoder.")
+
+
+def is_logging_step(t, step: int) -> bool:
+    """Step `step` (1-based) prints a progress line and collects the MoE routing statistics."""
+    return step % t.log_interval == 0 or step == t.steps
 
 
 def num_microbatches(cfg: RunConfig) -> int:
@@ -192,6 +197,9 @@ def pretrain(
             profiler.step_begin(state.step + 1)
         start = time.time()
         maybe_inject("step", state.step + 1)  # tests/faults/ only: inert without $MEGATRON_OMNI_INJECT_FAULT
+        logging_step = is_logging_step(t, state.step + 1)
+        if cfg.model.moe is not None:  # routing statistics (host reads) on logging steps only
+            set_routing_stats_enabled(state.model, logging_step)
         step_iterators, step_forward = iterators, forward_step_func
         if omni_data is not None:
             step_iterators, step_forward = omni_data.step_iterators(state.step, state.model), omni_data.forward_step_func
@@ -230,7 +238,7 @@ def pretrain(
                 new_weights = omni_data.update_balance(row["val_losses"])
                 if new_weights is not None:
                     row["adaptive_weights"] = new_weights
-        if cfg.model.moe is not None:
+        if cfg.model.moe is not None and logging_step:
             row["moe"] = collect_routing_stats(state.model)  # collective: every rank takes part
         if profiler is not None:
             row["timers"] = profiler.step_end(state.step, row)  # collective: every rank takes part
@@ -238,7 +246,7 @@ def pretrain(
             row["val_loss"] = evaluate(cfg, state, data.valid, forward_step_func)
         if is_logger:
             metrics.write(row)
-            if state.step % t.log_interval == 0 or state.step == t.steps:
+            if logging_step:
                 eta = (time.time() - run_start) / steps_run * (t.steps - state.step)
                 log.info(progress_line(
                     step=state.step, total=t.steps, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,

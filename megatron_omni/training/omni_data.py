@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 from megatron_omni.balance import ModalityRoundScheduler, SchedulerConfig
 from megatron_omni.balance.loss import all_reduce_modality_tokens, local_modality_tokens, microbatch_loss_scale
 from megatron_omni.config.schema import RunConfig
+from megatron_omni.parallel.layout import unwrap
 from megatron_omni.training.dpo import DPOConfig
 from megatron_omni.training.encoder_flops import encoder_training_flops
 from megatron_omni.training.omni_step import (
@@ -61,6 +62,9 @@ class OmniData:
             raise RuntimeError(f"scheduler planned {len(plan.microbatch_modalities)} microbatches, "
                                f"the step has {self.num_microbatches}")
         batches = [self.source.next_microbatch(m) for m in plan.microbatch_modalities]
+        if model and unwrap(model[0]).pre_process:  # the placeholder counts, read here on the host tensors
+            for b in batches:
+                b.count_placeholders(unwrap(model[0]).vocab.placeholder_ids)
         # Eq. 5/7 scaling needs every modality's loss units over the whole global batch: target
         # tokens, or pairs for the DPO stream (its loss is a mean over pairs).
         units = [torch.ones(b.tokens.shape[0]) if b.modality == PREFERENCE else b.loss_mask for b in batches]

@@ -18,17 +18,17 @@ and the loss of the microbatch's modality ("loss/<modality>").
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 
 from megatron_omni.data.omni_batch import OmniMicrobatch
-from megatron_omni.data.packing import packed_attention_mask
 from megatron_omni.models.omni_vocab import OmniVocab
 from megatron_omni.parallel.layout import unwrap
 from megatron_omni.training.dpo import dpo_loss
+from megatron_omni.training.stage_inputs import stage_inputs
 from megatron_omni.training.step import LM_LOSS
 
 UNDERSTANDING_LOSS = "understanding loss"
@@ -49,6 +49,8 @@ class PlannedMicrobatch:
     # log-probs per row, [B, 2], on the last pipeline stage; None in the reference pass itself
     ref_logps: Optional[torch.Tensor] = None
     dpo_beta: float = 0.1
+    # this microbatch's tensors on the device, shared by the rank's virtual pipeline chunks
+    device_cache: Dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
 
 def pair_logprobs(batch: OmniMicrobatch, per_token_loss: torch.Tensor) -> torch.Tensor:
@@ -103,17 +105,19 @@ def omni_loss(batch: OmniMicrobatch, vocab: OmniVocab, loss_scale: float, output
 
 def omni_forward_step(data_iterator: Iterator[PlannedMicrobatch], model: torch.nn.Module):
     """megatron forward_step_func.  Every pipeline stage reads the microbatch: all need the M-RoPE
-    positions and the packing mask; only the first stage uses tokens and media, the last labels."""
+    positions and the packing mask; only the first stage uses tokens and media, the last labels
+    (`stage_inputs` moves just those, once per microbatch)."""
     planned = next(data_iterator)
     inner = unwrap(model)
-    batch = planned.batch.to(torch.cuda.current_device(), non_blocking=True)
-    B, S = batch.tokens.shape
-    mask = packed_attention_mask(batch.cu_seqlens, B, S)
+    if inner.pre_process:  # python ints counted on the host copy; a no-op when the data side did it
+        planned.batch.count_placeholders(inner.vocab.placeholder_ids)
+    batch, mask = stage_inputs(planned.batch, planned.device_cache, inner)
     media = {}
     if inner.pre_process:
         media = dict(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
                      pixel_values_videos=batch.pixel_values_videos, video_grid_thw=batch.video_grid_thw,
-                     audio_features=batch.audio_features, audio_lengths=batch.audio_lengths)
+                     audio_features=batch.audio_features, audio_lengths=batch.audio_lengths,
+                     placeholder_counts=batch.placeholder_counts)
     if inner.config.num_moe_experts:  # routing statistics per modality (Uni-MoE 2.0 style backbone)
         from megatron_omni.models.moe.stats import set_current_modality
 

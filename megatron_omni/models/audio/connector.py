@@ -65,10 +65,10 @@ class ConnectedAudioEncoder(MegatronModule):
         B, _, N = features.shape
         if lengths is None:
             lengths = torch.full((B,), N, dtype=torch.long, device=features.device)
-        lengths = lengths.to(features.device).long()
-        if int(lengths.max()) > self.audio.max_input_frames:
-            raise ValueError(f"clip of {int(lengths.max())} frames exceeds max_input_frames={self.audio.max_input_frames}")
-        return lengths
+        longest = int(lengths.max())  # before the move: training keeps lengths on the host (no device sync)
+        if longest > self.audio.max_input_frames:
+            raise ValueError(f"clip of {longest} frames exceeds max_input_frames={self.audio.max_input_frames}")
+        return lengths.to(features.device).long()
 
     def forward(self, features: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """-> (audio tokens [sum_i audio_token_count(len_i), out_hidden_size] packed clip by clip,

@@ -10,7 +10,8 @@ counters of every rank (a collective) and turns them into fractions:
     all_null_token_rate = tokens whose every selection was a null expert / tokens
     load_balancing_loss = mean over forwards of the real-expert aux loss (without its coeff)
 
-so the per-layer fractions sum to 1.  Ranks that see the same tokens (TP without sequence
+so the per-layer fractions sum to 1.  The training loop records and collects them on logging
+steps only (`train.log_interval`; metrics.jsonl rows of other steps have no "moe" entry).  Ranks that see the same tokens (TP without sequence
 parallelism) count them once each; that scales a layer's counts, not its fractions.
 """
 
@@ -26,36 +27,47 @@ DEFAULT_MODALITY = "all"
 
 
 class RoutingCounter:
-    """Selections per expert (E real then N null) and token counts, keyed by modality."""
+    """Selections per expert (E real then N null) and token counts, keyed by modality.
+
+    Counts stay on the device of the routing map (no host read per layer and forward); they are
+    read once, by `collect_routing_stats`.  `enabled` (set per step by the training loop with
+    `set_routing_stats_enabled`: logging steps only) switches recording off in between."""
 
     def __init__(self, num_real: int, num_null: int):
         self.num_real, self.num_null = num_real, num_null
         self.modality = DEFAULT_MODALITY
+        self.enabled = True
         self.reset()
 
     def reset(self) -> None:
         # [E + N] selections, tokens routed, tokens with no real expert, aux-loss sum, aux-loss count.
-        self.counts: Dict[str, torch.Tensor] = defaultdict(
-            lambda: torch.zeros(self.num_real + self.num_null + 4, dtype=torch.float64)
-        )
+        self.counts: Dict[str, torch.Tensor] = {}
+
+    def _row(self, device) -> torch.Tensor:
+        if self.modality not in self.counts:
+            self.counts[self.modality] = torch.zeros(self.num_real + self.num_null + 4, dtype=torch.float64,
+                                                     device=device)
+        return self.counts[self.modality]
 
     @torch.no_grad()
     def record(self, routing_map: torch.Tensor) -> None:
         """`routing_map`: [tokens, E + N] bool selections of one forward."""
-        per_expert = routing_map.sum(dim=0).double().cpu()
-        all_null = (~routing_map[:, : self.num_real].any(dim=1)).sum().double().cpu()
-        row = self.counts[self.modality]
-        row[: self.num_real + self.num_null] += per_expert
+        if not self.enabled:
+            return
+        row = self._row(routing_map.device)
+        row[: self.num_real + self.num_null] += routing_map.sum(dim=0).double()
         row[-4] += routing_map.shape[0]
-        row[-3] += all_null
+        row[-3] += (~routing_map[:, : self.num_real].any(dim=1)).sum().double()
 
     @torch.no_grad()
     def record_aux_loss(self, value: torch.Tensor, group_size: int = 1) -> None:
         """`value`: this rank's share of the micro-batch's aux loss.  Under sequence / context
         parallelism the `group_size` ranks of a TP x CP group hold partial sums, so each counts as
         1 / group_size of a forward and the collected mean is the full loss."""
-        row = self.counts[self.modality]
-        row[-2] += float(value)
+        if not self.enabled:
+            return
+        row = self._row(value.device)
+        row[-2] += value.double()
         row[-1] += 1.0 / group_size
 
 
@@ -73,6 +85,12 @@ def set_current_modality(model, name: str) -> None:
     """Attribute the following forwards' routing to modality `name` (e.g. "text", "image")."""
     for router in _routers(model):
         router.counter.modality = name
+
+
+def set_routing_stats_enabled(model, enabled: bool) -> None:
+    """Record routing statistics in the following training forwards (the loop's logging steps)."""
+    for router in _routers(model):
+        router.counter.enabled = enabled
 
 
 def layer_fractions(counts: torch.Tensor, num_real: int, num_null: int) -> Dict[str, float]:

@@ -102,12 +102,14 @@ def merged_token_counts(grid_thw: Tensor, spatial_merge_size: int) -> Tensor:
     return grid_thw.prod(-1) // spatial_merge_size ** 2
 
 
-def block_diagonal_mask(cu_seqlens: Tensor) -> Tensor:
+def block_diagonal_mask(cu_seqlens: Tensor, n: Optional[int] = None) -> Tensor:
     """Boolean [1, 1, N, N] attention mask, True where attention is *not* allowed (megatron's
-    convention): tokens attend only inside their own segment."""
-    n = int(cu_seqlens[-1])
+    convention): tokens attend only inside their own segment.  `n` = cu_seqlens[-1] when known
+    on the host (then nothing is read from the device)."""
+    n = int(cu_seqlens[-1]) if n is None else n
     seg = torch.repeat_interleave(
-        torch.arange(cu_seqlens.numel() - 1, device=cu_seqlens.device), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        torch.arange(cu_seqlens.numel() - 1, device=cu_seqlens.device), (cu_seqlens[1:] - cu_seqlens[:-1]).long(),
+        output_size=n,
     )
     assert seg.numel() == n
     return (seg.view(-1, 1) != seg.view(1, -1)).view(1, 1, n, n)
@@ -286,12 +288,13 @@ class NaViTEncoder(MegatronModule):
 
     def attention_inputs(self, grid_thw: Tensor, device) -> Tuple[Optional[Tensor], Optional[PackedSeqParams]]:
         """(attention_mask, packed_seq_params) for the selected attention path."""
-        cu = vision_cu_seqlens(grid_thw).to(device)
+        host = vision_cu_seqlens(grid_thw.cpu())  # sizes read on the host, not from the device copy
+        cu = host.to(device)
         if self.use_thd:
-            max_len = int((cu[1:] - cu[:-1]).max())
+            max_len = int((host[1:] - host[:-1]).max())
             return None, PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                          max_seqlen_q=max_len, max_seqlen_kv=max_len)
-        return block_diagonal_mask(cu), None
+        return block_diagonal_mask(cu, n=int(host[-1])), None
 
     def forward(self, pixel_values: Tensor, grid_thw: Tensor, *, return_hidden: bool = False):
         cfg = self.cfg
