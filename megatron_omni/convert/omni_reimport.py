@@ -5,7 +5,7 @@ vocabulary, convert/omni_mapping.py for the encoders; our names below `audio_con
 `audio_tower.cmvn.`), so megatron -> HF -> megatron is bit-identical.  The model config is the bundle the
 export stored in config.json (`megatron_omni_bundle`), checked against the folder's tensors; every
 tensor of the folder is consumed and every tensor of the model written, or nothing is.  Streams one
-tensor at a time into megatron's torch_dist format (omni_import's writer structure).
+tensor at a time into megatron's torch_dist format (omni_import.write_omni_checkpoint).
 """
 
 from __future__ import annotations
@@ -21,24 +21,21 @@ from megatron_omni.config.loader import ConfigError, from_dict
 from megatron_omni.config.schema import ModelConfig, OmniConfig
 from megatron_omni.convert import mcore_io
 from megatron_omni.convert.convert import (
-    CONVERSION_FILE,
-    STEP,
     Layout,
     _atomic_output,
     _check_output,
-    _LastTensor,
     _Progress,
     _shape,
     dtype_name,
     parse_dtype,
 )
 from megatron_omni.convert.errors import ConversionError, ProblemList
-from megatron_omni.convert.hf_folder import open_hf_folder, write_json
+from megatron_omni.convert.hf_folder import open_hf_folder
 from megatron_omni.convert.llama import LLAMA
 from megatron_omni.convert.mapping import Dims, LazyTensor
 from megatron_omni.convert.omni_export import AUDIO_PREFIX, UNSOURCED_NAMES, VISION_PREFIX
 from megatron_omni.convert.omni_hf_config import BUNDLE_KEY, MODEL_TYPE
-from megatron_omni.convert.omni_import import _omni_target, _slice, _write_bundle, layout_problems
+from megatron_omni.convert.omni_import import _omni_target, layout_problems, write_omni_checkpoint
 from megatron_omni.convert.omni_mapping import audio_table, vision_table
 from megatron_omni.models.omni_vocab import OmniVocab
 
@@ -124,34 +121,14 @@ def omni_hf_to_mcore(hf_dir: str, out: str, *, tp: int = 1, pp: int = 1, vpp: Op
         for key in sorted({k for k, _ in plan} - set(target)):
             problems.add("source tensors not consumed", f"{key}: the model has no such tensor")
         problems.raise_if_any()
-        layered = {k for (k, layer) in plan if layer is not None}
-        cache = _LastTensor()
-
-        def provider(chunk: mcore_io.Chunk) -> torch.Tensor:
-            layer = chunk.offsets[0] if chunk.key in layered else None
-            piece = _slice(cache.get((chunk.key, layer), lambda: plan[(chunk.key, layer)](chunk.dtype)), chunk, layer)
-            progress.tick(piece, f"{chunk.key} layer {layer}")
-            return piece
-
         conversion = {"family": "omni", "source": {"kind": "hf_omni", "path": os.path.abspath(hf_dir)},
                       "layout": layout.common(), "first_stage_num_layers": first_stage_num_layers,
                       "dtype": dtype_name(out_dtype), "vocab_size": model.vocab_size, "omni_vocab_size": vocab.size,
                       "padded_vocab_size": padded, "make_vocab_size_divisible_by": model.make_vocab_size_divisible_by,
                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         with _atomic_output(out, overwrite) as tmp:
-            sd["layout"] = layout.common()
-            sd["conversion"] = conversion
-            path = os.path.join(tmp, f"iter_{STEP:07d}")
-            os.makedirs(path)
-            mcore_io.save_streaming(sd, path, provider)
-            written = {k: s for k, (s, _) in mcore_io.CheckpointReader(path).tensors.items()}
-            if written != {k: tuple(v) for k, v in target.items()}:
-                raise RuntimeError(f"written checkpoint does not hold the planned tensors: "
-                                   f"{sorted(set(written) ^ set(target))}")
-            with open(os.path.join(tmp, mcore_io.TRACKER_FILE), "w") as f:
-                f.write(str(STEP))
-            _write_bundle(tmp, model, omni, {"hf_omni": os.path.abspath(hf_dir)})
-            write_json(os.path.join(tmp, CONVERSION_FILE), conversion)
+            write_omni_checkpoint(tmp, sd, target, plan, layout=layout, conversion=conversion, progress=progress,
+                                  model=model, omni=omni, sources={"hf_omni": os.path.abspath(hf_dir)})
     hf.close()
     return {"out": os.path.abspath(out), "tensors": progress.count, "bytes": progress.bytes,
             "dtype": dtype_name(out_dtype), "layout": layout.common(), "vocab": vocab.size, "padded_vocab": padded,
