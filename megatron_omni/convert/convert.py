@@ -117,6 +117,17 @@ def _shape(s) -> str:
     return "[" + ", ".join(str(int(x)) for x in s) + "]"
 
 
+def table_shape_problems(problems, target: Dict[str, tuple], expected: Dict[str, tuple], table_name: str) -> None:
+    """Add to `problems` every tensor whose shape in megatron's model (`target`) differs from what the
+    table writes (`expected`), and every table rule the model has no tensor for."""
+    for key, shape in expected.items():
+        if key not in target:
+            problems.add("table rules megatron does not have", f"{key} {_shape(shape)}")
+        elif tuple(target[key]) != tuple(shape):
+            problems.add("shape mismatches", f"{key}: megatron has {_shape(target[key])}, table {table_name!r} "
+                                             f"produces {_shape(shape)}")
+
+
 def find_model_config(root: str, explicit: Optional[str] = None) -> Tuple[ModelConfig, str]:
     """The ModelConfig of a checkpoints root: `explicit`, else <root>/model.yaml (converted checkpoints),
     else <root>/../config.yaml (the run config a training run writes next to its checkpoints/)."""
@@ -244,12 +255,7 @@ def _build_target(table: ModelTable, model: ModelConfig, layout: Layout, dtype: 
     for key, shape in target.items():
         if key not in expected:
             problems.add("target tensors not written", f"{key} {_shape(shape)} (no rule of table {table.name!r})")
-        elif tuple(expected[key]) != tuple(shape):
-            problems.add("shape mismatches", f"{key}: megatron has {_shape(shape)}, table {table.name!r} "
-                                             f"produces {_shape(expected[key])}")
-    for key, shape in expected.items():
-        if key not in target:
-            problems.add("table rules megatron does not have", f"{key} {_shape(shape)}")
+    table_shape_problems(problems, target, expected, table.name)
     for chunk in chunks:
         for name, param in global_named_parameters(chunk):
             hit = table.rule_for_param(name)

@@ -48,6 +48,7 @@ from megatron_omni.convert.convert import (
     _Progress,
     _region,
     _shape,
+    table_shape_problems,
     dtype_name,
     parse_dtype,
     write_iteration,
@@ -287,12 +288,7 @@ def omni_from_hf(llm_dir: str, out: str, *, vision_dir: Optional[str] = None, au
     with mcore_io.megatron_world():
         sd, target = _omni_target(model, omni, layout, out_dtype)
         expected = LLAMA.checkpoint_shapes(model, dims)
-        for key, shape in expected.items():
-            if key not in target:
-                problems.add("table rules megatron does not have", f"{key} {_shape(shape)}")
-            elif tuple(target[key]) != tuple(shape):
-                problems.add("shape mismatches", f"{key}: megatron has {_shape(target[key])}, the Llama table "
-                                                 f"produces {_shape(shape)}")
+        table_shape_problems(problems, target, expected, LLAMA.name)
         for b in bindings:
             lazy = [LazyTensor(hf.tensors[n].shape, load=lambda dt, n=n: hf.read(n, dt),
                                load_into=lambda t, n=n: hf.read_into(n, t)) for n in b.hf_names]
