@@ -161,10 +161,10 @@ def test_lfr_stack_matches_naive():
     torch.manual_seed(0)
     lengths = [1, 5, 6, 7, 13, 30]
     x = torch.randn(len(lengths), 3, 30)
-    got, glen = lfr_stack(x, torch.tensor(lengths), 7, 6)
+    got = lfr_stack(x, torch.tensor(lengths), 7, 6)
     for i, L in enumerate(lengths):
         ref = _naive_lfr(x[i, :, :L], 7, 6)
-        assert glen[i].item() == ref.shape[0]
+        assert encoder_frame_count(L, _sanm_cfg()) == ref.shape[0]
         torch.testing.assert_close(got[i, : ref.shape[0]], ref, rtol=0, atol=0)
 
 
@@ -287,3 +287,28 @@ if __name__ == "__main__":
     import sys
 
     _tp_worker(sys.argv[1])
+
+
+@pytest.mark.parametrize("encoder_type", ["whisper", "sanm"])
+def test_encoders_read_nothing_back_from_the_device(world, encoder_type):
+    """Training keeps the media size metadata on the host; the encoders must plan every shape and mask
+    from it.  On the meta device any read of device data (`.item()`, `bool()`, boolean-mask indexing:
+    a host sync per microbatch on a GPU) raises, so this forward runs only if there is none."""
+    import dataclasses
+
+    from megatron_omni.models.audio import build_audio_encoder
+    from megatron_omni.models.vision.encoder import NaViTEncoder, VisionConfig
+    from tests.models.test_vision_encoder import GRID, TINY
+
+    cfg = _cfg(num_layers=2) if encoder_type == "whisper" else dataclasses.replace(_sanm_cfg(), num_layers=2)
+    audio = build_audio_encoder(cfg).to("meta")
+    lengths = torch.tensor([40, 7, 23])  # host, as in training: clips padded to 40 frames
+    tokens, token_lengths = audio(torch.empty(3, cfg.num_mel_bins, 40, device="meta"), lengths)
+    assert token_lengths.device.type == "cpu"
+    assert token_lengths.tolist() == [audio_token_count(n, cfg) for n in lengths.tolist()]
+    assert tokens.shape == (sum(token_lengths.tolist()), cfg.out_hidden_size)
+
+    vision_cfg = VisionConfig.from_yaml(str(TINY))
+    vision = NaViTEncoder(vision_cfg).to("meta")
+    out = vision(torch.empty(int(GRID.prod(-1).sum()), vision_cfg.patch_dim, device="meta"), GRID)
+    assert out.shape == (int(GRID.prod(-1).sum()) // vision_cfg.spatial_merge_size ** 2, vision_cfg.out_hidden_size)

@@ -35,22 +35,35 @@ class AudioConnector(MegatronModule):
         )
 
     def forward(self, hidden: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
-        """hidden [B, T, d] (padded encoder frames), lengths [B] valid frames ->
-        (tokens [sum_i ceil(len_i / k), out_hidden_size] packed clip by clip, token_lengths [B])."""
+        """hidden [B, T, d] (padded encoder frames), lengths [B] valid frames on the host ->
+        (tokens [sum_i ceil(len_i / k), out_hidden_size] packed clip by clip, token_lengths [B], host)."""
         B, T, d = hidden.shape
-        valid = torch.arange(T, device=hidden.device)[None, :] < lengths[:, None]
+        valid = frame_mask(lengths, T).to(hidden.device, non_blocking=True)
         hidden = hidden * valid[..., None].to(hidden.dtype)  # the partial last group is zero-padded
         pad = (-T) % self.k
         if pad:
             hidden = F.pad(hidden, (0, 0, 0, pad))
         groups = hidden.reshape(B, (T + pad) // self.k, self.k * d)
         token_lengths = _ceil_div(lengths, self.k)
-        keep = torch.arange(groups.shape[1], device=hidden.device)[None, :] < token_lengths[:, None]
-        x = groups[keep]  # [N, k*d], clip-major
+        x = valid_rows(groups, token_lengths)  # [N, k*d], clip-major
         x, _ = self.linear_fc1(x)
         x = F.gelu(x)
         x, _ = self.linear_fc2(x)
         return x, token_lengths
+
+
+def frame_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """[B, max_len] bool, True at the valid frames of each clip; built where `lengths` lives."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def valid_rows(x: Tensor, lengths: Tensor) -> Tensor:
+    """The first lengths[b] rows of each x[b] ([B, T, ...]), packed clip by clip -> [sum(lengths), ...].
+    The gather index is built from the host `lengths`: a boolean mask on the device would make the
+    output size data-dependent, a device sync per audio microbatch."""
+    B, T = x.shape[:2]
+    index = frame_mask(lengths, T).flatten().nonzero().squeeze(1)  # host op on host lengths
+    return x.reshape(B * T, *x.shape[2:]).index_select(0, index.to(x.device, non_blocking=True))
 
 
 class ConnectedAudioEncoder(MegatronModule):
@@ -61,20 +74,21 @@ class ConnectedAudioEncoder(MegatronModule):
     audio: AudioConfig
 
     def valid_lengths(self, features: Tensor, lengths: Optional[Tensor]) -> Tensor:
-        """Valid frames per clip ([B] long; None = every frame of `features` [B, n_mels, N]), bounded."""
+        """Valid frames per clip, [B] long on the HOST (None = every frame of `features` [B, n_mels, N]),
+        bounded.  The encoders plan their shapes and masks from host lengths: training keeps the media
+        metadata on the host, so nothing here waits for the device (given device lengths, e.g. from the
+        HF processor, are read once)."""
         B, _, N = features.shape
-        if lengths is None:
-            lengths = torch.full((B,), N, dtype=torch.long, device=features.device)
-        longest = int(lengths.max())  # before the move: training keeps lengths on the host (no device sync)
+        lengths = torch.full((B,), N, dtype=torch.long) if lengths is None else lengths.long().cpu()
+        longest = int(lengths.max())
         if longest > self.audio.max_input_frames:
             raise ValueError(f"clip of {longest} frames exceeds max_input_frames={self.audio.max_input_frames}")
-        return lengths.to(features.device).long()
+        return lengths
 
     def forward(self, features: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """-> (audio tokens [sum_i audio_token_count(len_i), out_hidden_size] packed clip by clip,
-        token_lengths [B])."""
+        token_lengths [B] on the host)."""
         hidden, enc_lengths = self.encode(features, lengths)
         if self.connector is None:
-            valid = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < enc_lengths[:, None]
-            return hidden[valid], enc_lengths
+            return valid_rows(hidden, enc_lengths), enc_lengths
         return self.connector(hidden, enc_lengths)

@@ -29,21 +29,21 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_omni.models.audio.config import AudioConfig, encoder_frame_count
-from megatron_omni.models.audio.connector import AudioConnector, ConnectedAudioEncoder
+from megatron_omni.models.audio.connector import AudioConnector, ConnectedAudioEncoder, frame_mask
 from megatron_omni.models.audio.whisper import sinusoids
 
 
-def lfr_stack(features: Tensor, lengths: Tensor, m: int, n: int) -> Tuple[Tensor, Tensor]:
-    """features [B, C, N] (right-padded), lengths [B] -> ([B, T, m*C] stacked frames, T_i = ceil(len_i / n))."""
+def lfr_stack(features: Tensor, lengths: Tensor, m: int, n: int) -> Tensor:
+    """features [B, C, N] (right-padded), lengths [B] -> [B, T, m*C] stacked frames, T = ceil(N / n); clip i
+    has ceil(len_i / n) valid ones (`encoder_frame_count`)."""
     B, C, N = features.shape
-    out_len = -((-lengths) // n)
     T = -(-N // n)
     j = torch.arange(T, device=features.device)[:, None] * n + torch.arange(m, device=features.device)[None, :]
     src = j[None] - (m - 1) // 2  # [1, T, m] index into the clip
     src = torch.minimum(src.clamp(min=0), (lengths - 1).clamp(min=0)[:, None, None])  # [B, T, m]
     x = features.transpose(1, 2)  # [B, N, C]
     g = torch.gather(x, 1, src.reshape(B, T * m, 1).expand(B, T * m, C))
-    return g.reshape(B, T, m * C), out_len
+    return g.reshape(B, T, m * C)
 
 
 class CMVN(nn.Module):
@@ -130,14 +130,14 @@ class SANMEncoder(ConnectedAudioEncoder):
         self.connector = AudioConnector(audio, config, audio.d_model) if with_connector else None
 
     def encode(self, features: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """features [B, n_mels, N], lengths [B] -> (hidden [B, T, d] (padded rows junk), enc_lengths [B])."""
+        """features [B, n_mels, N], lengths [B] -> (hidden [B, T, d] (padded rows junk), enc_lengths [B] on the host)."""
         B, _, N = features.shape
-        lengths = self.valid_lengths(features, lengths)
-        x, enc_lengths = lfr_stack(features, lengths, self.audio.lfr_m, self.audio.lfr_n)
+        lengths = self.valid_lengths(features, lengths)  # host
+        x = lfr_stack(features, lengths.to(features.device, non_blocking=True), self.audio.lfr_m, self.audio.lfr_n)
         x = self.cmvn(x).to(self.final_layernorm.weight.dtype)  # fp32 CMVN, then the encoder's dtype
-        assert torch.equal(enc_lengths, encoder_frame_count(lengths, self.audio))
+        enc_lengths = encoder_frame_count(lengths, self.audio)  # host, = the LFR frames per clip
         T = x.shape[1]
-        valid = torch.arange(T, device=x.device)[None, :] < enc_lengths[:, None]
+        valid = frame_mask(enc_lengths, T).to(x.device, non_blocking=True)
         x = x * math.sqrt(self.audio.d_model) + sinusoids(T + 1, x.shape[-1])[1:].to(x)
         recompute = self.audio.recompute and self.training and torch.is_grad_enabled()
         for layer in self.layers:

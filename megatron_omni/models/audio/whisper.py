@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from megatron_omni.models.kernels import megatron_softmax_kernels
 from megatron_omni.models.encoder_config import bidirectional_encoder_config
 from megatron_omni.models.audio.config import AudioConfig, encoder_frame_count
-from megatron_omni.models.audio.connector import AudioConnector, ConnectedAudioEncoder
+from megatron_omni.models.audio.connector import AudioConnector, ConnectedAudioEncoder, frame_mask
 
 
 def encoder_transformer_config(
@@ -83,12 +83,13 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Ten
     return torch.cat([t.sin(), t.cos()], dim=1).float()
 
 
-def key_padding_mask(lengths: Tensor, max_len: int) -> Optional[Tensor]:
-    """megatron attention mask [B, 1, S, S], True = masked key; None when nothing is padded."""
-    pad = torch.arange(max_len, device=lengths.device)[None, :] >= lengths[:, None]  # [B, S]
+def key_padding_mask(lengths: Tensor, max_len: int, device: torch.device) -> Optional[Tensor]:
+    """megatron attention mask [B, 1, S, S] on `device`, True = masked key; None when nothing is padded.
+    `lengths` are host lengths: whether any key is padded is decided without a device sync."""
+    pad = ~frame_mask(lengths, max_len)  # [B, S]
     if not bool(pad.any()):
         return None
-    return pad[:, None, None, :].expand(-1, 1, max_len, max_len)
+    return pad.to(device, non_blocking=True)[:, None, None, :].expand(-1, 1, max_len, max_len)
 
 
 class WhisperStyleEncoder(ConnectedAudioEncoder):
@@ -125,18 +126,18 @@ class WhisperStyleEncoder(ConnectedAudioEncoder):
 
     def encode(self, features: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """features [B, n_mels, N] (clips right-padded to N frames), lengths [B] valid frames (None = all N)
-        -> (hidden [B, T, d] after the final LayerNorm, padded rows are junk; enc_lengths [B])."""
+        -> (hidden [B, T, d] after the final LayerNorm, padded rows are junk; enc_lengths [B] on the host)."""
         B, _, N = features.shape
-        lengths = self.valid_lengths(features, lengths)
+        lengths = self.valid_lengths(features, lengths)  # host
         features = features.to(self.conv1.weight.dtype)  # fp32 fbank into a bf16/fp16 (Float16Module) encoder
-        frame_valid = (torch.arange(N, device=features.device)[None, :] < lengths[:, None]).to(features.dtype)
+        frame_valid = frame_mask(lengths, N).to(features.device, features.dtype, non_blocking=True)
         x = F.gelu(self.conv1(features * frame_valid[:, None, :]))
         x = x * frame_valid[:, None, :]  # conv2 must see zeros past the clip, like its own padding
         x = F.gelu(self.conv2(x))  # [B, d, T]
         T = x.shape[-1]
         enc_lengths = encoder_frame_count(lengths, self.audio)
         x = x.permute(2, 0, 1) + self.position_embedding[:T, None, :].to(x.dtype)  # [T, B, d] megatron layout
-        x = self.decoder(hidden_states=x, attention_mask=key_padding_mask(enc_lengths, T))
+        x = self.decoder(hidden_states=x, attention_mask=key_padding_mask(enc_lengths, T, x.device))
         return x.transpose(0, 1), enc_lengths
 
 
