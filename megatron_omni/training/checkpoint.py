@@ -431,6 +431,11 @@ def _load_from(state: TrainState, path: str, *, finetune: bool, schedule: str) -
         left = [k for k in missing if k not in new_adapters and not k.endswith("_extra_state")]
         if left or unexpected:
             raise RuntimeError(f"{path}: checkpoint does not match the model: missing {left[:5]}, unexpected {unexpected[:5]}")
+    if state.optimizer is not None and not (with_optimizer and "optimizer" in loaded):
+        # bf16/fp16 keep fp32 main copies of the weights in the optimizer, made from the init when it
+        # was built: refresh them from the loaded weights (as Megatron-LM does without optimizer
+        # state), or the first step writes the init back over the checkpoint.
+        state.optimizer.reload_model_params()
     if with_optimizer:
         if "optimizer" in loaded:
             _load_optimizer(state.optimizer, loaded["optimizer"])

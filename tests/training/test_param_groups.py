@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
 from megatron_omni.config import load_config
-from megatron_omni.parallel import cpu_emulation
-from megatron_omni.parallel.initialize import destroy_distributed
 from megatron_omni.training.loop import build_train_state
-
-
-@pytest.fixture
-def one_rank_world(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
-        monkeypatch.setenv(k, v)
-    yield
-    destroy_distributed()
-    cpu_emulation.disable()
 
 
 def test_hook_gives_matching_parameters_their_own_lr(one_rank_world):
