@@ -21,7 +21,7 @@ STAGES=${STAGES:-"pt1 pt2 pt3 it1 it2 it3 at"}
 prev=""
 for stage in $STAGES; do
     echo "=== stage $stage ==="
-    torchrun --nproc_per_node "$NPROC" -m megatron_omni.train --config "configs/tiny/stages/$stage.yaml" \
+    torchrun --standalone --nproc_per_node "$NPROC" -m megatron_omni.train --config "configs/tiny/stages/$stage.yaml" \
         data.root="$OUT/demo_data" parallel.tp="$TP" parallel.pp="$PP" \
         train.output_dir="$OUT/$stage" train.load="$OUT/$stage/checkpoints" \
         train.pretrained_checkpoint="${prev:+$OUT/$prev/checkpoints}" "$@"
