@@ -15,6 +15,11 @@ PY="${OMNI_PYTHON:-python3}"
 # Explicit pins: a bare `torch` could resolve to a local CPU build that breaks torchvision/torchaudio.
 TORCH_PINS=(torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0)
 CONSTRAINTS="$REPO/requirements/constraints.txt"
+# Test-only: FunASR's SANMEncoder + WavFrontend, the SAN-M reference of tests/models/test_sanm_funasr.py.
+# Installed --no-deps: its ~25 declared requirements are never imported on that path (the encoder needs torch
+# only; the test stands in for the frontend's librosa import).  Kept out of the hash: bumping it updates the
+# existing venv in place instead of rebuilding it.
+FUNASR_PIN="funasr==1.4.16"
 
 HASH="$({ echo "${TORCH_PINS[*]}"; cat "$REPO/setup.py" "$CONSTRAINTS"; } | sha256sum | cut -c1-12)"
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/megatron-omni"
@@ -56,6 +61,19 @@ ensure_venv() {
     return 0
 }
 
+# Idempotent: also installs into an already-complete venv that lacks it (or has another version).
+ensure_funasr() {
+    local have
+    have="$(cd / && "$VENV/bin/python" -c 'from importlib.metadata import version; print(version("funasr"))' 2>/dev/null || true)"
+    [[ "funasr==$have" == "$FUNASR_PIN" ]] && return 0
+    if ! { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "$FUNASR_PIN" &&
+           (cd / && "$VENV/bin/python" -c "from funasr.models.sanm.encoder import SANMEncoder"); } >"$LOG" 2>&1
+    then
+        tail -n 40 "$LOG" >&2; say "install of the test-only $FUNASR_PIN (--no-deps) failed; full log: $LOG"; return 1
+    fi
+    rm -f "$LOG"
+}
+
 # The cached venv is shared by clones; its editable install must point at *this* checkout.
 ensure_editable() {
     local where
@@ -70,6 +88,7 @@ mkdir -p "$(dirname "$VENV")"
 exec 9>"$VENV.lock"
 flock 9 2>/dev/null || true   # serialise concurrent jobs sharing the venv (best effort without flock)
 ensure_venv
+ensure_funasr
 ensure_editable
 touch "$MARKER"
 exec 9>&-

@@ -6,9 +6,10 @@
                   audio_tower.*                the audio encoder under Whisper encoder names (FunASR SAN-M
                                                names for encoder_type sanm, + audio_tower.cmvn.shift/scale)
                   audio_connector.*            the audio connector (our names)
-    config.json   MegatronOmniConfig with auto_map -> the two remote-code files copied from megatron_omni/hf/
+    config.json   MegatronOmniConfig with auto_map -> the remote-code files copied from megatron_omni/hf/
     tokenizer     the text tokenizer + the omni special tokens and audio codes at their OmniVocab ids
-    preprocessor_config.json, generation_config.json
+    processor_config.json, preprocessor_config.json   MegatronOmniProcessor (AutoProcessor auto_map)
+    generation_config.json
 
 Name tables: convert/omni_mapping.py (encoders), convert/llama.py (LLM).  Every model tensor of the
 checkpoint is accounted for before anything is written; the Whisper key bias (zero in ours, absent in
@@ -48,6 +49,7 @@ from megatron_omni.convert.omni_hf_config import (
     generation_config,
     omni_config,
     preprocessor_config,
+    processor_config,
     vision_problems,
 )
 from megatron_omni.convert.omni_mapping import EncoderBinding, audio_table, vision_table
@@ -212,6 +214,7 @@ def omni_to_hf(load: str, out: str, *, model_yaml: Optional[str] = None, dtype: 
             for name in REMOTE_CODE_FILES:
                 shutil.copy2(os.path.join(HF_DIR, name), os.path.join(tmp, name))
             write_json(os.path.join(tmp, "preprocessor_config.json"), preprocessor_config(omni))
+            write_json(os.path.join(tmp, "processor_config.json"), processor_config(omni))
         write_json(os.path.join(tmp, "config.json"), config)
         write_json(os.path.join(tmp, "generation_config.json"), generation_config(config, vocab))
         tokenizer = write_omni_tokenizer(tmp, vocab, tokenizer_dir or template_dir, config_path)

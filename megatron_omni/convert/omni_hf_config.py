@@ -112,25 +112,61 @@ def generation_config(config: Dict, vocab: OmniVocab) -> Dict:
     return out
 
 
-def preprocessor_config(omni: OmniConfig) -> Dict:
-    """Qwen2-VL image processor settings of our patching (CLIP normalisation, 14px patches, 2x2 merge), and
-    the audio front end the model was trained on (Kaldi log-mel fbank, 16 kHz, 25 / 10 ms, int16 scale)."""
-    from megatron_omni.data.media.fbank import FRAME_LENGTH_MS, FRAME_SHIFT_MS, KALDI_WAVE_SCALE
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_megatron_omni.MegatronOmniProcessor"}
+# The processor's default media limits: paper Table 2's last stages (IT3 / AT), which the released model
+# finishes with: 2560 image tokens, 128 video frames (the clip shares the image token limit).
+PROCESSOR_LIMITS = {"max_image_tokens": 2560, "max_video_frames": 128, "max_video_tokens": None}
+
+
+def _vision_media(omni: OmniConfig) -> Optional[Dict]:
     from megatron_omni.data.media.patches import CLIP_MEAN, CLIP_STD
 
-    out: Dict = {"processor_class": "MegatronOmniProcessor"}
-    if omni.vision is not None:
-        v = omni.vision
-        out.update({"image_processor_type": "Qwen2VLImageProcessor", "patch_size": v.patch_size,
-                    "temporal_patch_size": v.temporal_patch_size, "merge_size": v.spatial_merge_size,
-                    "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_rescale": True,
+    v = omni.vision
+    if v is None:
+        return None
+    return {"patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+            "merge_size": v.spatial_merge_size, "in_channels": v.in_channels,
+            "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
+
+
+def _audio_media(omni: OmniConfig) -> Optional[Dict]:
+    from megatron_omni.data.media.fbank import FRAME_LENGTH_MS, FRAME_SHIFT_MS, KALDI_WAVE_SCALE
+
+    a = omni.audio
+    if a is None:
+        return None
+    return {"type": "kaldi_fbank", "encoder_type": a.encoder_type, "num_mel_bins": a.num_mel_bins,
+            "sampling_rate": 16000, "frame_length_ms": FRAME_LENGTH_MS, "frame_shift_ms": FRAME_SHIFT_MS,
+            "wave_scale": KALDI_WAVE_SCALE, "conv2_stride": a.conv2_stride, "lfr_n": a.lfr_n,
+            "downsample_factor": a.downsample_factor, "max_input_frames": a.max_input_frames}
+
+
+def preprocessor_config(omni: OmniConfig) -> Dict:
+    """Qwen2-VL image processor settings of our patching (CLIP normalisation, 14px patches, 2x2 merge), and
+    the audio front end the model was trained on (Kaldi log-mel fbank, 16 kHz, 25 / 10 ms, int16 scale);
+    `auto_map` names the folder's processor (processing_megatron_omni.py)."""
+    out: Dict = {"processor_class": "MegatronOmniProcessor", "auto_map": dict(PROCESSOR_AUTO_MAP)}
+    vision = _vision_media(omni)
+    if vision is not None:
+        out.update({"image_processor_type": "Qwen2VLImageProcessor", "patch_size": vision["patch_size"],
+                    "temporal_patch_size": vision["temporal_patch_size"], "merge_size": vision["merge_size"],
+                    "image_mean": vision["image_mean"], "image_std": vision["image_std"], "do_rescale": True,
                     "rescale_factor": 1 / 255, "do_normalize": True, "do_resize": True})
-    if omni.audio is not None:
-        out["audio_frontend"] = {"type": "kaldi_fbank", "num_mel_bins": omni.audio.num_mel_bins,
-                                 "sampling_rate": 16000, "frame_length_ms": FRAME_LENGTH_MS,
-                                 "frame_shift_ms": FRAME_SHIFT_MS, "wave_scale": KALDI_WAVE_SCALE,
-                                 "input": "input_features [clips, num_mel_bins, frames] + audio_feature_lengths"}
+    audio = _audio_media(omni)
+    if audio is not None:
+        out["audio_frontend"] = {**audio, "input": "input_features [clips, num_mel_bins, frames] + "
+                                                   "audio_feature_lengths"}
     return out
+
+
+def processor_config(omni: OmniConfig) -> Dict:
+    """processor_config.json: MegatronOmniProcessor's arguments (its media rules' settings, the default
+    limits, the chat template's system prompt)."""
+    from megatron_omni.data.chat_template import DEFAULT_SYSTEM_PROMPT
+
+    return {"processor_class": "MegatronOmniProcessor", "auto_map": dict(PROCESSOR_AUTO_MAP),
+            "vision": _vision_media(omni), "audio": _audio_media(omni), **PROCESSOR_LIMITS,
+            "system_prompt": DEFAULT_SYSTEM_PROMPT}
 
 
 def special_token_names(vocab: OmniVocab) -> List[str]:

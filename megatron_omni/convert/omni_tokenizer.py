@@ -11,6 +11,7 @@ Needs transformers (the dev extra); without a source the folder has no tokenizer
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ from typing import Dict, Optional
 import yaml
 
 from megatron_omni.convert.errors import ConversionError
-from megatron_omni.convert.hf_folder import TOKENIZER_FILES
+from megatron_omni.convert.hf_folder import TOKENIZER_FILES, write_json
 from megatron_omni.convert.omni_hf_config import special_token_names
 from megatron_omni.models.omni_vocab import OmniVocab
 
@@ -42,6 +43,29 @@ def _sentencepiece_model(config_path: Optional[str]) -> Optional[str]:
     return None
 
 
+def _sentencepiece_whitespace(tok) -> None:
+    """sentencepiece's own rule: every encode() call prepends one "▁" and turns each space into "▁".
+    transformers' converted LlamaTokenizer (Metaspace, prepend_scheme "first") skips the prefix when the text
+    already starts with a space, so " and" / "  two" tokenize differently from the data pipeline (which encodes
+    the text between media spans and special tokens as separate pieces); a Prepend + Replace normalizer is
+    sentencepiece's rule exactly (tests/convert: HF encode == sentencepiece encode on such pieces)."""
+    from tokenizers import normalizers
+
+    backend = tok.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.pre_tokenizer = None
+
+
+def _load_tokenizer_json_verbatim(out: str) -> None:
+    """LlamaTokenizer rebuilds its normalizer / pre-tokenizer on load; the generic tokenizers backend loads
+    tokenizer.json as written, keeping `_sentencepiece_whitespace`'s pipeline."""
+    path = os.path.join(out, "tokenizer_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["tokenizer_class"] = "TokenizersBackend"
+    write_json(path, config)
+
+
 def write_omni_tokenizer(out: str, vocab: OmniVocab, source_dir: Optional[str],
                          config_path: Optional[str]) -> Dict[str, object]:
     """Save the omni tokenizer into `out`; returns what was done (for the conversion report)."""
@@ -53,9 +77,10 @@ def write_omni_tokenizer(out: str, vocab: OmniVocab, source_dir: Optional[str],
     from transformers import AddedToken, AutoTokenizer, LlamaTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        if spm is not None:  # transformers converts a folder holding only tokenizer.model; LlamaTokenizer keeps
-            shutil.copy2(spm, os.path.join(tmp, "tokenizer.model"))  # sentencepiece's dummy prefix (▁ first)
+        if spm is not None:  # transformers converts a folder holding only tokenizer.model
+            shutil.copy2(spm, os.path.join(tmp, "tokenizer.model"))
             tok = LlamaTokenizer.from_pretrained(tmp)
+            _sentencepiece_whitespace(tok)
         else:
             tok = AutoTokenizer.from_pretrained(source_dir)
     source = spm or source_dir
@@ -75,5 +100,7 @@ def write_omni_tokenizer(out: str, vocab: OmniVocab, source_dir: Optional[str],
         raise ConversionError(f"tokenizer {source}", {"shape mismatches": wrong[:5] + [
             f"{len(tok)} tokens after adding the omni ones, the model has {vocab.size}"]})
     tok.save_pretrained(out)
+    if spm is not None:
+        _load_tokenizer_json_verbatim(out)
     return {"written": True, "source": os.path.abspath(source), "text_tokens": n, "unused_text_slots": len(fill),
             "native_specials": [name for name in names if name in existing], "total": len(tok)}

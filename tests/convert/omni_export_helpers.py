@@ -21,6 +21,7 @@ RUN = ["parallel.tp=2", "parallel.pp=2", "parallel.first_stage_num_layers=1", "t
 IMAGE_GRID = [[1, 4, 6]]  # 6 merged tokens
 VIDEO_GRID = [[2, 4, 4]]  # 8 merged tokens (2 temporal patches)
 AUDIO_FRAMES = [37, 20]  # two clips of different lengths (padded batch): 5 + 3 tokens
+GREEDY_STEPS = 4  # greedy tokens compared with HF generate()
 
 
 def omni_run(root: Path) -> Path:
@@ -108,3 +109,17 @@ def megatron_logits(model, sample) -> torch.Tensor:
                     video_grid_thw=sample["video_grid_thw"], audio_features=sample["audio_features"],
                     audio_lengths=sample["audio_lengths"])
     return out[..., : model.vocab.size].float()
+
+
+def megatron_greedy(model, sample, vocab, steps):
+    """Megatron greedy decoding without a cache: the whole sequence each step, M-RoPE ids recomputed."""
+    from megatron_omni.models.rope import mrope_position_ids
+
+    s = dict(sample)
+    for _ in range(steps):
+        nxt = megatron_logits(model, s)[:, -1].argmax(-1, keepdim=True)
+        s["input_ids"] = torch.cat([s["input_ids"], nxt], dim=1)
+        s["position_ids"], _ = mrope_position_ids(
+            s["input_ids"], s["image_grid_thw"], s["video_grid_thw"], image_token_id=vocab.image_pad_id,
+            video_token_id=vocab.video_pad_id, spatial_merge_size=2)
+    return s["input_ids"][0, -steps:].tolist()

@@ -10,58 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.convert.omni_export_helpers import hf_inputs, megatron_logits, megatron_model, mixed_sample, omni_run, \
-    run_configs
+from tests.convert.omni_export_helpers import GREEDY_STEPS, hf_inputs
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
-STEPS = 4  # greedy tokens compared
-
-
-def _greedy(model, sample, vocab, steps):
-    """Megatron greedy decoding without a cache: the whole sequence each step, M-RoPE ids recomputed."""
-    from megatron_omni.models.rope import mrope_position_ids
-
-    s = dict(sample)
-    for _ in range(steps):
-        nxt = megatron_logits(model, s)[:, -1].argmax(-1, keepdim=True)
-        s["input_ids"] = torch.cat([s["input_ids"], nxt], dim=1)
-        s["position_ids"], _ = mrope_position_ids(
-            s["input_ids"], s["image_grid_thw"], s["video_grid_thw"], image_token_id=vocab.image_pad_id,
-            video_token_id=vocab.video_pad_id, spatial_merge_size=2)
-    return s["input_ids"][0, -steps:].tolist()
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    from megatron_omni.convert import mcore_to_hf
-    from megatron_omni.convert.mcore_io import megatron_world
-
-    root = tmp_path_factory.mktemp("omni_export")
-    ckpt = omni_run(root)
-    reports = {"omni": mcore_to_hf(str(ckpt), str(root / "hf")),
-               "llm": mcore_to_hf(str(ckpt), str(root / "hf_llm"), language_model_only=True)}
-    model_cfg, omni = run_configs(ckpt)
-    sample = mixed_sample(model_cfg, omni)
-    text_ids = torch.randint(0, model_cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
-    with megatron_world():
-        model = megatron_model(ckpt, sample["input_ids"].shape[1] + STEPS)
-        text = {"input_ids": text_ids, "position_ids": torch.arange(24).expand(3, 2, 24)}
-        for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "audio_features",
-                  "audio_lengths"):
-            text[k] = None
-        ref = {"logits": megatron_logits(model, sample), "greedy": _greedy(model, sample, model.vocab, STEPS),
-               "text_logits": megatron_logits(model, text), "text_ids": text_ids, "vocab": model.vocab,
-               "vision": {k: v.clone() for k, v in model.vision.state_dict().items() if isinstance(v, torch.Tensor)},
-               "audio": {k: v.clone() for k, v in model.audio.state_dict().items() if isinstance(v, torch.Tensor)}}
-    yield {"root": root, "ckpt": ckpt, "reports": reports, "sample": sample, "ref": ref, "omni": omni}
-
-
-@pytest.fixture(scope="module")
-def hf_model(exported):
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        exported["root"] / "hf", trust_remote_code=True, dtype=torch.float32, output_loading_info=True)
-    return model.eval(), info
 
 
 def test_folder_loads_with_no_missing_or_unexpected_keys_and_logits_equal_megatron(exported, hf_model):
@@ -114,7 +66,7 @@ def test_generate_gives_megatron_greedy_tokens(exported, hf_model):
     model, _ = hf_model
     inputs = hf_inputs(exported["sample"])
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=GREEDY_STEPS, do_sample=False)
     got = out[0, inputs["input_ids"].shape[1]:].tolist()
     print(f"\ngreedy tokens: HF generate {got}, megatron {exported['ref']['greedy']}")
     assert got == exported["ref"]["greedy"]
@@ -153,8 +105,10 @@ def test_tokenizer_has_the_omni_tokens_at_their_ids(exported):
     names = special_token_names(vocab)
     assert tok.convert_tokens_to_ids(names) == list(range(vocab.text_vocab_size, vocab.size))
     sp = sentencepiece.SentencePieceProcessor(model_file=exported["reports"]["omni"]["tokenizer"]["source"])
-    for text in ("Hello world, this is a test.", "M2-omni sees images and hears audio."):
-        assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
+    # Leading / repeated spaces too: the data pipeline encodes the text between media spans as its own piece.
+    for text in ("Hello world, this is a test.", "M2-omni sees images and hears audio.", " and then",
+                 "  two  spaces ", " ", "\n\n"):
+        assert tok.encode(text, add_special_tokens=False) == sp.encode(text), text
     assert vocab.image_pad_id in tok.encode("a <image_pad> b", add_special_tokens=False)  # parsed as one token
 
 
