@@ -149,7 +149,8 @@ def _sharded_state_dict(state: TrainState, *, is_loading: bool, with_optimizer: 
         sd["optimizer"] = state.optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=metadata)
     if with_optimizer:
         sd["scheduler"] = state.scheduler.state_dict()
-        sd["train_state"] = {"step": state.step, "consumed_samples": state.consumed_samples}
+        sd["train_state"] = {"step": state.step, "consumed_samples": state.consumed_samples,
+                             "recent_losses": list(state.recent_losses)}
     if with_rng:
         sd["rng_state"] = _rng_object()
         if state.data_state is not None:  # this rank's data-loader position (omni loader)
@@ -439,6 +440,7 @@ def _load_from(state: TrainState, path: str, *, finetune: bool, schedule: str) -
         _load_scheduler(state.scheduler, loaded["scheduler"], schedule, path, state.optimizer.param_groups)
         state.step = loaded["train_state"]["step"]
         state.consumed_samples = loaded["train_state"]["consumed_samples"]
+        state.recent_losses[:] = loaded["train_state"].get("recent_losses", [])  # absent before loss spikes
         if same_layout:
             _restore_rng(loaded["rng_state"])
             if "data_state" in loaded:

@@ -53,6 +53,7 @@ class OmniData:
         self.dpo = cfg.dpo or DPOConfig()
         self._step_encoder_flops: Dict[str, float] = {}
         self._step_microbatches: Dict[str, int] = {}
+        self._step_samples: List[Tuple[str, List[str]]] = []
 
     # ---------------------------------------------------------------- per step
 
@@ -82,7 +83,13 @@ class OmniData:
         for b in batches:
             self._step_encoder_flops[b.modality] += encoder_training_flops(omni, b, lora=self.cfg.lora is not None)
         self._step_microbatches = plan.counts()
+        # host metadata for the loss-spike log: (modality, packed sample ids) per microbatch
+        self._step_samples = [(b.modality, [i for row in b.sample_ids or [] for i in row]) for b in batches]
         return [iter(planned) for _ in range(self.num_chunks)]
+
+    def step_samples(self) -> List[Tuple[str, List[str]]]:
+        """(modality, sample ids) of each of this DP rank's microbatches of the last step, in order."""
+        return self._step_samples
 
     @torch.no_grad()
     def _reference_logps(self, model: list, planned: List[PlannedMicrobatch]) -> None:
