@@ -171,8 +171,9 @@ def save_checkpoint(state: TrainState, root: str, extra: Optional[Dict[str, Any]
     from megatron_omni.training.fault_injection import maybe_inject
     from megatron_omni.training.guards import NonFiniteError, parameters_finite
 
-    if not parameters_finite(state.model):
-        raise NonFiniteError(f"step {state.step}: the model has NaN/Inf parameters; refusing to save them over "
+    if not parameters_finite(state.model, state.optimizer):
+        raise NonFiniteError(f"step {state.step}: the model has NaN/Inf parameters or optimizer state; refusing to "
+                             f"save them over "
                              f"{root} (the previous checkpoint, step {latest_step(root)}, stays in force)")
     path = checkpoint_dir(root, state.step)
     if dist.get_rank() == 0:

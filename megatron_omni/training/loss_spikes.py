@@ -107,18 +107,37 @@ def _merge(gathered: Sequence[Optional[list]]) -> List[dict]:
     return rows
 
 
+def gather_step_microbatches(samples: StepSamples, losses_reduced: Sequence[Dict[str, torch.Tensor]]
+                             ) -> Optional[List[dict]]:
+    """Collective over the world: on rank 0 every DP rank's microbatches of the step, as
+    {dp_rank, microbatch, modality, samples, loss, tokens}; None elsewhere."""
+    mine = _local_microbatches(samples, losses_reduced)
+    rank0 = dist.get_rank() == 0
+    gathered = [None] * dist.get_world_size() if rank0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    return _merge(gathered) if rank0 else None
+
+
+def nonfinite_detail(microbatches: Optional[List[dict]]) -> str:
+    """For the divergence guard's message (rank 0): which microbatches had a non-finite loss."""
+    if microbatches is None:
+        return ""
+    bad = [mb for mb in microbatches if mb["loss"] is not None and not math.isfinite(mb["loss"])]
+    if not bad:
+        return " (every microbatch's loss is finite: the gradients are not)"
+    named = "; ".join(f"DP rank {mb['dp_rank']} microbatch {mb['microbatch']} ({mb['modality']}: "
+                      f"{', '.join(mb['samples'])})" for mb in bad[:4])
+    return f" (non-finite loss in {len(bad)} microbatch(es): {named}{'; ...' if len(bad) > 4 else ''})"
+
+
 def record_spike(output_dir: str, *, step: int, loss: float, reference: float, factor: float, window: int,
                  samples: StepSamples, losses_reduced: Sequence[Dict[str, torch.Tensor]],
                  modality_losses: Optional[Dict[str, float]] = None) -> None:
     """Collective over the world (every rank saw the same spike): rank 0 logs the spike and appends
     the step's microbatches (DP rank, index, modality, sample ids, loss) to loss_spikes.jsonl."""
-    mine = _local_microbatches(samples, losses_reduced)
-    rank0 = dist.get_rank() == 0
-    gathered = [None] * dist.get_world_size() if rank0 else None
-    dist.gather_object(mine, gathered, dst=0)
-    if not rank0:
+    microbatches = gather_step_microbatches(samples, losses_reduced)
+    if microbatches is None:
         return
-    microbatches = _merge(gathered)
     row = {"step": step, "loss": loss, "reference": reference, "factor": factor, "window": window,
            "losses": modality_losses or {}, "microbatches": microbatches}
     path = os.path.join(output_dir, SPIKES_FILE)

@@ -78,7 +78,7 @@ def test_a_full_disk_during_a_save_is_one_error_and_the_previous_checkpoint_stay
     assert metrics(tmp_path)[-1]["step"] == 2 and again.returncode == 0
 
 
-@pytest.mark.parametrize("spec", ["kill@nowhere:3", "boom@step:3", "kill@step:x", "kill@step:3:r1:r2"])
+@pytest.mark.parametrize("spec", ["kill@nowhere:3", "boom@step:3", "kill@step:x", "kill@step:3:r1:r2", "spike@save:3"])
 def test_a_bad_injection_spec_is_refused(spec):
     from megatron_omni.training.fault_injection import parse_faults
 
