@@ -37,6 +37,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 from megatron_omni.parallel.layout import unwrap
 from megatron_omni.training.ckpt_integrity import (
     CorruptCheckpoint,
+    iter_dirs,
     complete_checkpoints,
     prune,
     verify_checkpoint,
@@ -358,6 +359,11 @@ def _candidates(root: str) -> Optional[list]:
     step = latest_step(root)
     if step is None:
         return None
+    partial = sorted(s for s in iter_dirs(root) if s > step)
+    if partial and dist.get_rank() == 0:  # what a crash mid-save (or a run that failed to commit) leaves
+        log.warning("train.load=%s: ignoring iter_ folder(s) of steps %s past the tracker's step %d (saves that "
+                    "never committed, or what a restart from an earlier step left); they are replaced when those "
+                    "steps are saved again", root, partial, step)
     newest = checkpoint_dir(root, step)
     return [newest] + [checkpoint_dir(root, s) for s in reversed(complete_checkpoints(root)) if s != step]
 

@@ -30,6 +30,7 @@ def test_rank_killed_during_a_checkpoint_write_resumes_as_if_nothing_happened(tm
     assert (ckpts / "iter_0000003").is_dir()  # its shards are there, its manifest is not
     resumed = train(2, out, TP2 + ["train.steps=4", f"train.load={ckpts}"], cache_dir=data_cache)
     assert "loaded" in resumed.stdout + resumed.stderr
+    assert "ignoring iter_ folder(s) of steps [3] past the tracker's step 2" in resumed.stdout + resumed.stderr
     ref, got = metrics(reference), metrics(out)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for a, b in zip(ref, got):
