@@ -303,6 +303,7 @@ def _check_model_matches(sd: Dict[str, Any], stored: Dict[str, Any], path: str) 
                 missing.append(entry.key)
             elif tuple(stored[entry.key].global_shape) != tuple(entry.global_shape):
                 reshaped.append(f"{entry.key} {tuple(stored[entry.key].global_shape)} -> {tuple(entry.global_shape)}")
+    missing, reshaped = list(dict.fromkeys(missing)), list(dict.fromkeys(reshaped))  # one entry per key, not shard
     if not (missing or reshaped):
         return
     omni = any(k.startswith(("vision.", "audio.")) for k in missing)
@@ -310,7 +311,9 @@ def _check_model_matches(sd: Dict[str, Any], stored: Dict[str, Any], path: str) 
             "given to an omni model: the omni vocabulary is larger and the encoders are not in it.  Build the omni "
             "checkpoint from the pretrained parts with `tools/convert_checkpoint.py omni-from-hf --llm LLAMA_DIR "
             "[--vision DIR] [--audio DIR] --out OUT` and start PT-1 with train.pretrained_checkpoint=OUT."
-            if omni else "")
+            if omni else " The checkpoint was written for another model (its run directory's config.yaml has the "
+            "model section it needs): train with that model config, or point train.load at this model's checkpoints."
+            if reshaped else "")
     raise RuntimeError(f"{path}: checkpoint does not match the model: {len(missing)} tensors missing "
                        f"{missing[:4]}, {len(reshaped)} with another shape {reshaped[:3]}.{hint}")
 

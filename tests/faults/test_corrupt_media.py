@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from tests.helpers.launch import metrics, train
+from tests.training.test_param_groups import one_rank_world  # noqa: F401  (fixture)
 
 MEDIA = ("*.jpg", "*.png", "*.mp4", "*.webm", "*.opus", "*.wav")
 
@@ -51,14 +52,24 @@ def test_two_ranks_train_through_five_percent_broken_media(broken_demo, tmp_path
     assert all(last["skipped_samples_by_modality"][m] >= n for m, n in last["bad_samples_by_modality"].items())
 
 
-def test_the_bad_sample_tolerance_is_the_run_configs(broken_demo, tmp_path):
-    """data.max_bad_fraction / data.bad_window reach the loader: no tolerance stops at the first bad
-    sample with the keys named (the message used to point at a setting no config could change)."""
+def test_the_bad_sample_tolerance_is_the_run_configs(broken_demo, one_rank_world, tmp_path):  # noqa: F811
+    """data.max_bad_fraction / data.bad_window reach the run's loader (built as the training loop
+    builds it): no tolerance stops at the first bad sample with the keys named (the message used to
+    point at a setting no config could change)."""
+    from megatron_omni.config import load_config
+    from megatron_omni.data.modality_stream import TooManyBadSamples
+    from megatron_omni.models.omni import omni_vocab
+    from megatron_omni.parallel.initialize import initialize_distributed
+    from megatron_omni.training.omni_data import build_blend_loader
+
     data, _ = broken_demo
-    proc = train(1, tmp_path, ["data.seq_length=256", "train.micro_batch_size=1", "train.global_batch_size=4",
-                               "train.steps=8", f"data.root={data}", "train.load=null", "data.max_bad_fraction=0.0",
-                               "data.bad_window=1"],
-                 cache_dir=tmp_path / "cache", config="configs/tiny/pt_stage3.yaml", check=False)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "TooManyBadSamples" in log
-    assert "raise data.max_bad_fraction=0.0 (over data.bad_window=1 samples)" in log
+    cfg = load_config("configs/tiny/pt_stage3.yaml", [f"data.root={data}", "data.seq_length=256",
+                                                      "data.max_bad_fraction=0.0", "data.bad_window=1",
+                                                      f"train.output_dir={tmp_path}"])
+    initialize_distributed(cfg.parallel)
+    loader, _ = build_blend_loader(cfg, omni_vocab(cfg.model, cfg.omni), dp_rank=0)
+    with loader, pytest.raises(TooManyBadSamples) as err:
+        for _ in range(100):
+            for modality in loader.modalities:
+                loader.next_microbatch(modality)
+    assert "raise data.max_bad_fraction=0.0 (over data.bad_window=1 samples)" in str(err.value)

@@ -22,6 +22,8 @@ from tests.helpers.launch import metrics, train
     ("train.keep_last_checkpoints=0", "train.keep_last_checkpoints=0 must be a number >= 1 (or null)"),
     ("optimizer.lr=-1.0", "optimizer.lr=-1.0 must be a number >= 0"),
     ("optimizer.resume_schedule=newest", "optimizer.resume_schedule='newest' is not one of"),
+    ("parallel.distributed_timeout_minutes=0", "parallel.distributed_timeout_minutes=0 must be a number >= 1"),
+    ("train.loss_spike_window=0", "train.loss_spike_window=0 must be a number >= 1"),
 ])
 def test_invalid_sizes_are_refused_with_the_key(override, message):
     cfg = load_config("configs/tiny/llm.yaml", [override])
