@@ -202,6 +202,7 @@ def pretrain(
         t.steps, world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp,
         data_parallel_size(cfg, world), num_microbatches(cfg), step_flops,
     )
+
     def step_samples():  # (modality, sample ids) of this DP rank's microbatches of the step just run
         return omni_data.step_samples() if omni_data is not None else \
             data.step_samples(cfg, state.consumed_samples - t.global_batch_size, num_microbatches(cfg))

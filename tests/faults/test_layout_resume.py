@@ -75,8 +75,9 @@ def test_dp2_run_resumes_at_tp2_dp1_with_its_balancer_state(tmp_path):
     assert (worst["dp_rank"], worst["microbatch"]) == (1, 0)
     assert all(mb["loss"] < worst["loss"] / 100 for mb in spike["microbatches"] if mb is not worst)
     # the per-microbatch reports add up to the logged step loss (token-weighted)
-    total = sum(mb["loss"] * mb["tokens"] for mb in spike["microbatches"]) / sum(mb["tokens"] for mb in spike["microbatches"])
-    assert total == pytest.approx(spike["loss"], rel=1e-9)
+    mbs = spike["microbatches"]
+    assert sum(mb["loss"] * mb["tokens"] for mb in mbs) / sum(mb["tokens"] for mb in mbs) == \
+        pytest.approx(spike["loss"], rel=1e-9)
     # resumed at TP2 x DP1: step 3 is compared with the window of steps 1-2 restored from the checkpoint
     (resumed,) = _spikes(stopped)
     assert resumed["step"] == SPIKE
