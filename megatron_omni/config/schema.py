@@ -191,6 +191,11 @@ class TrainConfig:
     # after this many consecutive ones the run saves the last finite weights and stops (0 = off:
     # megatron's DDP check raises at the first NaN gradient).
     skip_nonfinite_steps: int = 3
+    # Loss-spike log (training/loss_spikes.py): a step whose loss exceeds this factor x the median
+    # of the last `loss_spike_window` steps is logged with every microbatch's sample ids, per DP
+    # rank, in output_dir/loss_spikes.jsonl (None = off).
+    loss_spike_factor: Optional[float] = None
+    loss_spike_window: int = 20
 
 
 @dataclass

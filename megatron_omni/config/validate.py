@@ -133,7 +133,8 @@ _MINIMUMS = (
     ("train.micro_batch_size", 1, False), ("train.global_batch_size", 1, False), ("train.log_interval", 1, False),
     ("data.seq_length", 1, False), ("train.save_interval", 1, True), ("train.exit_interval", 1, True),
     ("train.eval_interval", 1, True), ("train.eval_iters", 1, False), ("train.keep_last_checkpoints", 1, True),
-    ("train.skip_nonfinite_steps", 0, False), ("data.bad_window", 1, False), ("data.num_workers", 0, False),
+    ("train.skip_nonfinite_steps", 0, False), ("train.loss_spike_window", 1, False), ("data.bad_window", 1, False),
+    ("data.num_workers", 0, False),
     ("optimizer.lr", 0, False), ("optimizer.min_lr", 0, False), ("optimizer.lr_warmup_steps", 0, False),
     ("optimizer.lr_decay_steps", 1, True), ("optimizer.clip_grad", 0, False),
     ("parallel.distributed_timeout_minutes", 1, False),
@@ -161,6 +162,10 @@ def _validate_sizes(cfg: RunConfig) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < lowest:
             raise ConfigError(f"{dotted}={value!r} must be a number >= {lowest}" + (" (or null)" if nullable else ""))
+    factor = cfg.train.loss_spike_factor
+    if factor is not None and not factor > 1:  # the loader already refused non-numbers
+        raise ConfigError(f"train.loss_spike_factor={factor!r} must be a number > 1 (a step's loss over the median "
+                          "of the last train.loss_spike_window steps), or null to switch the spike log off")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be in [0, 1] (the share of the "
                           "last data.bad_window samples of a modality that may be unusable)")

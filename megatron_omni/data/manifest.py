@@ -175,7 +175,8 @@ def read_manifest(path: str) -> List[ManifestRow]:
         more = f"\n... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
         raise ManifestError(f"{len(errors)} invalid line(s) in {path}:\n" + "\n".join(shown) + more)
     if not rows:
-        raise ManifestError(f"{path}: the manifest has no samples")
+        raise ManifestError(f"{path}: the manifest has no samples; write one JSON object per line, or remove "
+                            "its source from the blend")
     return rows
 
 

@@ -25,6 +25,11 @@ from megatron_omni.models.rope import mrope_position_ids
 MODALITIES = ("text", "image", "video", "audio", "audio_gen", "preference")
 
 
+def mock_sample_id(modality: str, dp_rank: int, index, row: int) -> str:
+    """Row `row` of DP rank `dp_rank`'s `index`-th (0-based) training microbatch of `modality`."""
+    return f"mock:{modality}/dp{dp_rank}/{index}/row{row}"
+
+
 @dataclass
 class _Sample:
     tokens: List[int]
@@ -171,8 +176,10 @@ class MockOmniData:
                 frames += sample.audio_frames
                 pos += n
                 bounds.append(b * S + pos)
+        # one id per row (its samples are drawn together): what the loss-spike log names
         batch = OmniMicrobatch(tokens=tokens, labels=labels, loss_mask=loss_mask, position_ids=positions,
-                               cu_seqlens=torch.tensor(bounds, dtype=torch.int32), modality=modality)
+                               cu_seqlens=torch.tensor(bounds, dtype=torch.int32), modality=modality,
+                               sample_ids=[[mock_sample_id(modality, self.dp_rank, index, b)] for b in range(B)])
         if grids or video_grids:
             patch_dim = self.omni.vision.patch_dim
             for kind, g in (("", grids), ("_videos", video_grids)):

@@ -22,13 +22,15 @@ Contract between `megatron_omni.data` (which builds it) and `megatron_omni.model
 * ``audio_features`` [n_audio, T_max, F] float32 (log-mel fbank, zero padded) + ``audio_lengths``
   [n_audio] int64 valid frames.
 * ``modality``: the modality this microbatch carries (the scheduler's unit, paper Sec. 3.1).
+* ``sample_ids``: host metadata, never copied to the device: per row, the ``sample_id`` of each
+  packed sample in order (manifest ``path:line (id)``), for the loss-spike log.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, fields
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -79,6 +81,8 @@ class OmniMicrobatch:
     # microbatch is built (`count_placeholders`): the model checks its encoders' token counts
     # against them without reading device memory.
     placeholder_counts: Optional[Dict[int, int]] = field(default=None, compare=False)
+    # [row][segment] the packed samples' ids (OmniSample.sample_id), None when the builder has none
+    sample_ids: Optional[List[List[str]]] = field(default=None, compare=False)
 
     def __post_init__(self):
         B, S = self.tokens.shape

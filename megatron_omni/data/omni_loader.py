@@ -108,6 +108,10 @@ class OmniLoader:
     def skipped_samples(self) -> int:
         return sum(self.skipped_by_reason().values())
 
+    def skipped_by_modality(self) -> Dict[str, int]:
+        """Cumulative training-sample skips (occurrences) of this rank per modality."""
+        return {name: sum(p.state_dict()["skipped"].values()) for name, p in self._prefetch.items()}
+
     def padding_fraction(self, modality: str = None) -> float:
         """Share of padding in the microbatches consumed so far (one modality or all)."""
         names = [modality] if modality is not None else list(self._prefetch)

@@ -245,6 +245,7 @@ def collate_rows(
         position_ids=position_ids,
         cu_seqlens=_segments(rows, seq_length),
         modality=modality,
+        sample_ids=[[s.sample_id for s in row] for row in rows],
         **media,
     )
 

@@ -114,6 +114,12 @@ class WithPreferences:
     def skipped_samples(self) -> int:
         return self.loader.skipped_samples + self.preferences.skipped_samples
 
+    def skipped_by_modality(self) -> Dict[str, int]:
+        return {**self.loader.skipped_by_modality(), PREFERENCE: self.preferences.skipped_samples}
+
+    def bad_samples(self) -> Dict[str, int]:
+        return self.loader.bad_samples()  # pairs are not remembered (a pair is read once per epoch)
+
     def pause_prefetch(self) -> None:
         self.loader.pause_prefetch()
 

@@ -31,7 +31,7 @@ from megatron_omni.data.process_group import process_group_for_dataset_build
 from megatron_omni.data.sources import resolve_source
 from megatron_omni.data.tokenizer import TextTokenizer
 
-__all__ = ["build_text_datasets", "TextDatasets"]
+__all__ = ["build_text_datasets", "describe_text_sample", "TextDatasets"]
 
 # One entry per Split (train, valid, test): a GPTDataset for one source, a BlendedDataset
 # for several, None where the split fraction is 0.  Items are dicts of 1-D tensors.
@@ -114,3 +114,16 @@ def build_text_datasets(
         )
         train, valid, test = builder.build()
     return train, valid, test
+
+
+def describe_text_sample(dataset: TextDataset, index: int) -> str:
+    """``train sample I (PREFIX documents [d, ...])``: sample `index` of the (blended) train dataset,
+    the indexed dataset it comes from and the documents it spans (their order in the tokenized
+    corpus, empty documents skipped).  Reads the sample's indices once; for logs, not the hot path."""
+    name = f"train sample {index}"
+    if isinstance(dataset, BlendedDataset):
+        dataset, index = dataset.datasets[dataset.dataset_index[index]], int(dataset.dataset_sample_index[index])
+        name += f" = {index}"
+    # megatron's own index lookup (shuffle -> sample -> document index), as __getitem__ does it
+    _, documents = dataset._query_document_sample_shuffle_indices(index)
+    return f"{name} ({os.path.basename(dataset.dataset_path or '?')} documents {documents.tolist()})"

@@ -37,6 +37,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 from megatron_omni.parallel.layout import unwrap
 from megatron_omni.training.ckpt_integrity import (
     CorruptCheckpoint,
+    iter_dirs,
     complete_checkpoints,
     prune,
     verify_checkpoint,
@@ -149,7 +150,8 @@ def _sharded_state_dict(state: TrainState, *, is_loading: bool, with_optimizer: 
         sd["optimizer"] = state.optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=metadata)
     if with_optimizer:
         sd["scheduler"] = state.scheduler.state_dict()
-        sd["train_state"] = {"step": state.step, "consumed_samples": state.consumed_samples}
+        sd["train_state"] = {"step": state.step, "consumed_samples": state.consumed_samples,
+                             "recent_losses": list(state.recent_losses)}
     if with_rng:
         sd["rng_state"] = _rng_object()
         if state.data_state is not None:  # this rank's data-loader position (omni loader)
@@ -170,8 +172,9 @@ def save_checkpoint(state: TrainState, root: str, extra: Optional[Dict[str, Any]
     from megatron_omni.training.fault_injection import maybe_inject
     from megatron_omni.training.guards import NonFiniteError, parameters_finite
 
-    if not parameters_finite(state.model):
-        raise NonFiniteError(f"step {state.step}: the model has NaN/Inf parameters; refusing to save them over "
+    if not parameters_finite(state.model, state.optimizer):
+        raise NonFiniteError(f"step {state.step}: the model has NaN/Inf parameters or optimizer state; refusing to "
+                             f"save them over "
                              f"{root} (the previous checkpoint, step {latest_step(root)}, stays in force)")
     path = checkpoint_dir(root, state.step)
     if dist.get_rank() == 0:
@@ -300,6 +303,7 @@ def _check_model_matches(sd: Dict[str, Any], stored: Dict[str, Any], path: str) 
                 missing.append(entry.key)
             elif tuple(stored[entry.key].global_shape) != tuple(entry.global_shape):
                 reshaped.append(f"{entry.key} {tuple(stored[entry.key].global_shape)} -> {tuple(entry.global_shape)}")
+    missing, reshaped = list(dict.fromkeys(missing)), list(dict.fromkeys(reshaped))  # one entry per key, not shard
     if not (missing or reshaped):
         return
     omni = any(k.startswith(("vision.", "audio.")) for k in missing)
@@ -307,7 +311,9 @@ def _check_model_matches(sd: Dict[str, Any], stored: Dict[str, Any], path: str) 
             "given to an omni model: the omni vocabulary is larger and the encoders are not in it.  Build the omni "
             "checkpoint from the pretrained parts with `tools/convert_checkpoint.py omni-from-hf --llm LLAMA_DIR "
             "[--vision DIR] [--audio DIR] --out OUT` and start PT-1 with train.pretrained_checkpoint=OUT."
-            if omni else "")
+            if omni else " The checkpoint was written for another model (its run directory's config.yaml has the "
+            "model section it needs): train with that model config, or point train.load at this model's checkpoints."
+            if reshaped else "")
     raise RuntimeError(f"{path}: checkpoint does not match the model: {len(missing)} tensors missing "
                        f"{missing[:4]}, {len(reshaped)} with another shape {reshaped[:3]}.{hint}")
 
@@ -356,6 +362,11 @@ def _candidates(root: str) -> Optional[list]:
     step = latest_step(root)
     if step is None:
         return None
+    partial = sorted(s for s in iter_dirs(root) if s > step)
+    if partial and dist.get_rank() == 0:  # what a crash mid-save (or a run that failed to commit) leaves
+        log.warning("train.load=%s: ignoring iter_ folder(s) of steps %s past the tracker's step %d (saves that "
+                    "never committed, or what a restart from an earlier step left); they are replaced when those "
+                    "steps are saved again", root, partial, step)
     newest = checkpoint_dir(root, step)
     return [newest] + [checkpoint_dir(root, s) for s in reversed(complete_checkpoints(root)) if s != step]
 
@@ -444,6 +455,7 @@ def _load_from(state: TrainState, path: str, *, finetune: bool, schedule: str) -
         _load_scheduler(state.scheduler, loaded["scheduler"], schedule, path, state.optimizer.param_groups)
         state.step = loaded["train_state"]["step"]
         state.consumed_samples = loaded["train_state"]["consumed_samples"]
+        state.recent_losses[:] = loaded["train_state"].get("recent_losses", [])  # absent before loss spikes
         if same_layout:
             _restore_rng(loaded["rng_state"])
             if "data_state" in loaded:

@@ -121,7 +121,7 @@ def verify_checkpoint(path: str) -> None:
         raise CorruptCheckpoint(f"checkpoint {path} is corrupt: " + "; ".join(bad))
 
 
-def _iter_dirs(root: str) -> Dict[int, str]:
+def iter_dirs(root: str) -> Dict[int, str]:
     if not os.path.isdir(root):
         return {}
     return {int(d[5:]): os.path.join(root, d) for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit()}
@@ -144,13 +144,13 @@ def read_manifest_quiet(path: str) -> Optional[dict]:
 
 
 def _next_sequence(root: str) -> int:
-    seqs = [m.get("sequence", 0) for m in map(read_manifest_quiet, _iter_dirs(root).values()) if m is not None]
+    seqs = [m.get("sequence", 0) for m in map(read_manifest_quiet, iter_dirs(root).values()) if m is not None]
     return max(seqs, default=0) + 1
 
 
 def complete_checkpoints(root: str) -> List[int]:
     """Steps of `root`'s finished checkpoints (with metadata.json), oldest written first."""
-    dirs = {s: p for s, p in _iter_dirs(root).items() if os.path.isfile(os.path.join(p, "metadata.json"))}
+    dirs = {s: p for s, p in iter_dirs(root).items() if os.path.isfile(os.path.join(p, "metadata.json"))}
     return sorted(dirs, key=lambda s: (_write_order(dirs[s]), s))
 
 
@@ -161,7 +161,7 @@ def prune(root: str, keep_last: int, protect: Sequence[Optional[str]] = ()) -> L
     order = complete_checkpoints(root)
     deleted = []
     for step in order[:-keep_last] if keep_last > 0 else []:
-        path = _iter_dirs(root)[step]
+        path = iter_dirs(root)[step]
         if os.path.realpath(path) in keep:
             continue
         shutil.rmtree(path, ignore_errors=True)

@@ -7,7 +7,8 @@ it -- a RuntimeError on one rank while the others wait in the all-reduce.  With
 after the gradient reduction, whether the global batch's loss and gradients are finite (one
 all-reduce of a flag): if not, the optimizer and the LR schedule skip the step and the loop logs
 it; after N consecutive skipped steps the run saves the (unchanged, last good) weights and stops
-with `NonFiniteError` naming the steps.  Parameters are checked finite before every save.
+with `NonFiniteError` naming the steps.  Parameters and optimizer state are checked finite before
+every save.
 
 Test-only fault injection: MEGATRON_OMNI_INJECT_NONFINITE="3,4" puts a NaN into the gradients
 of those steps (1-based) on every rank.
@@ -70,10 +71,27 @@ def step_is_finite(model: List[torch.nn.Module], loss: float) -> bool:
     return not _world_any(not local)
 
 
+def _optimizer_state_tensors(optimizer):
+    """The floating-point state (Adam moments, fp32 main params) of megatron's (chained) optimizer."""
+    if optimizer is None:
+        return
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            for value in state.values():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    yield value
+        for name in ("shard_fp32_from_float16_groups", "fp32_from_float16_groups"):  # bf16/fp16 main params
+            for group in getattr(sub, name, None) or []:
+                yield from group
+
+
 @torch.no_grad()
-def parameters_finite(model: List[torch.nn.Module]) -> bool:
-    """Collective over the world: every parameter of every rank is finite."""
-    local = all(bool(torch.isfinite(p).all()) for chunk in model for p in chunk.parameters())
+def parameters_finite(model: List[torch.nn.Module], optimizer=None) -> bool:
+    """Collective over the world: every parameter (and, given `optimizer`, every optimizer state
+    tensor) of every rank is finite.  Before a save only, not per step."""
+    local = all(bool(torch.isfinite(p).all()) for chunk in model for p in chunk.parameters()) and \
+        all(bool(torch.isfinite(t).all()) for t in _optimizer_state_tensors(optimizer))
     return not _world_any(not local)
 
 

@@ -21,7 +21,14 @@ from megatron_omni.parallel.layout import unwrap
 from megatron_omni.training import flops
 from megatron_omni.training.checkpoint import check_overwrite, load_checkpoint, loaded_path, save_checkpoint
 from megatron_omni.training.guards import NonFiniteError, NonFiniteGuard, disable_ddp_nan_check
-from megatron_omni.training.fault_injection import maybe_inject
+from megatron_omni.training.fault_injection import maybe_inject, spiked_forward_step
+from megatron_omni.training.loss_spikes import (
+    LossSpikeDetector,
+    drop_records_after,
+    gather_step_microbatches,
+    nonfinite_detail,
+    record_spike,
+)
 from megatron_omni.training.metrics import MetricsWriter, progress_line, timers_line
 from megatron_omni.training.preemption import PreemptionHandler
 from megatron_omni.training.setup import (
@@ -165,6 +172,10 @@ def pretrain(
     metrics = MetricsWriter(t.output_dir, enabled=is_logger, tensorboard=t.tensorboard, start_step=state.step)
     preemption = PreemptionHandler()
     guard = NonFiniteGuard(t.skip_nonfinite_steps)
+    spikes = LossSpikeDetector(t.loss_spike_factor, t.loss_spike_window, state.recent_losses) \
+        if t.loss_spike_factor is not None else None
+    if is_logger:  # spikes a crashed attempt logged past the checkpoint are logged again below
+        drop_records_after(t.output_dir, state.step)
     if guard.enabled:
         disable_ddp_nan_check(state.model)
 
@@ -191,6 +202,11 @@ def pretrain(
         t.steps, world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp,
         data_parallel_size(cfg, world), num_microbatches(cfg), step_flops,
     )
+
+    def step_samples():  # (modality, sample ids) of this DP rank's microbatches of the step just run
+        return omni_data.step_samples() if omni_data is not None else \
+            data.step_samples(cfg, state.consumed_samples - t.global_batch_size, num_microbatches(cfg))
+
     run_start, steps_run = time.time(), 0
     while state.step < t.steps:
         if profiler is not None:
@@ -205,6 +221,7 @@ def pretrain(
             step_iterators, step_forward = omni_data.step_iterators(state.step, state.model), omni_data.forward_step_func
             if profiler is not None:
                 step_iterators = profiler.wrap_iterators(step_iterators)
+        step_forward = spiked_forward_step(step_forward, state.step + 1)  # tests/faults/ only, like maybe_inject
         result = train_step(
             state, step_iterators, num_microbatches=num_microbatches(cfg), seq_length=cfg.data.seq_length,
             micro_batch_size=t.micro_batch_size, forward_step_func=step_forward,
@@ -227,8 +244,9 @@ def pretrain(
         nonfinite = result.grad_norm is not None and not math.isfinite(result.grad_norm)
         if nonfinite:
             row["skipped_update"] = True
-        diverged = guard.record(state.step, not nonfinite, f" (step modalities {omni_data._step_microbatches})"
-                                if omni_data is not None else "") if guard.enabled else None
+        # a skipped step names its microbatches with a non-finite loss (collective, on such steps only)
+        diverged = guard.record(state.step, not nonfinite, nonfinite_detail(gather_step_microbatches(
+            step_samples(), result.losses_reduced)) if nonfinite else "") if guard.enabled else None
         if omni_data is not None:
             row.update(omni_row)
             row["tokens_per_s_by_modality"] = {m: n / step_time for m, n in omni_data.tokens_per_modality().items()}
@@ -238,6 +256,12 @@ def pretrain(
                 new_weights = omni_data.update_balance(row["val_losses"])
                 if new_weights is not None:
                     row["adaptive_weights"] = new_weights
+        reference = spikes.check(result.loss) if spikes is not None and not nonfinite else None
+        if reference is not None:  # collective, entered by every rank: all hold the same loss
+            record_spike(t.output_dir, step=state.step, loss=result.loss, reference=reference,
+                         factor=t.loss_spike_factor, window=t.loss_spike_window, samples=step_samples(),
+                         losses_reduced=result.losses_reduced, modality_losses=row.get("losses"))
+            row["loss_spike_reference"] = reference
         if cfg.model.moe is not None and logging_step:
             row["moe"] = collect_routing_stats(state.model)  # collective: every rank takes part
         if profiler is not None:

@@ -32,7 +32,7 @@ class MetricsWriter:
             return
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, "metrics.jsonl")
-        dropped = _drop_rows_after(path, start_step)
+        dropped = drop_rows_after(path, start_step)
         if dropped:
             log.info("%s: dropped %d rows past step %d written by an earlier attempt", path, dropped, start_step)
         self._jsonl = open(path, "a", buffering=1)  # a resumed run continues the same file
@@ -63,7 +63,7 @@ class MetricsWriter:
             self._tb.close()
 
 
-def _drop_rows_after(path: str, step: int) -> int:
+def drop_rows_after(path: str, step: int) -> int:
     """Rewrite `path` (atomically) without the rows whose step is past `step`; returns how many."""
     if not os.path.exists(path):
         return 0

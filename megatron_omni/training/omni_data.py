@@ -53,6 +53,7 @@ class OmniData:
         self.dpo = cfg.dpo or DPOConfig()
         self._step_encoder_flops: Dict[str, float] = {}
         self._step_microbatches: Dict[str, int] = {}
+        self._step_samples: List[Tuple[str, List[str]]] = []
 
     # ---------------------------------------------------------------- per step
 
@@ -82,7 +83,13 @@ class OmniData:
         for b in batches:
             self._step_encoder_flops[b.modality] += encoder_training_flops(omni, b, lora=self.cfg.lora is not None)
         self._step_microbatches = plan.counts()
+        # host metadata for the loss-spike log: (modality, packed sample ids) per microbatch
+        self._step_samples = [(b.modality, [i for row in b.sample_ids or [] for i in row]) for b in batches]
         return [iter(planned) for _ in range(self.num_chunks)]
+
+    def step_samples(self) -> List[Tuple[str, List[str]]]:
+        """(modality, sample ids) of each of this DP rank's microbatches of the last step, in order."""
+        return self._step_samples
 
     @torch.no_grad()
     def _reference_logps(self, model: list, planned: List[PlannedMicrobatch]) -> None:
@@ -128,24 +135,31 @@ class OmniData:
 
         losses = {name[len(MODALITY_LOSS_PREFIX):]: mean(t) for name, t in totals.items()
                   if name.startswith(MODALITY_LOSS_PREFIX) and float(t[1]) > 0}
-        skipped, encoder_flops = self._dp_sums()
+        skipped, by_modality, bad, encoder_flops = self._dp_sums()
         extra = {}
         if PREFERENCE in self.modalities:
             extra = {"dpo_loss": mean(totals[DPO_LOSS]), "dpo_accuracy": mean(totals[DPO_ACCURACY])}
         return {"losses": losses, "understanding_loss": mean(totals[UNDERSTANDING_LOSS]), **extra,
                 "audio_gen_loss": mean(totals[AUDIO_GEN_LOSS]),
-                "skipped_samples": int(skipped), "encoder_flops": sum(encoder_flops.values()),
+                "skipped_samples": int(skipped), "skipped_samples_by_modality": by_modality,
+                "bad_samples_by_modality": bad, "encoder_flops": sum(encoder_flops.values()),
                 "encoder_flops_by_modality": encoder_flops}
 
-    def _dp_sums(self) -> Tuple[float, Dict[str, float]]:
-        """(skipped samples, {modality: encoder FLOPs of the step}) summed over the data-parallel
-        group: every rank of a DP replica reads the same data, so each replica counts once."""
-        flops = [self._step_encoder_flops.get(m, 0.0) for m in self.modalities]
-        n = torch.tensor([float(getattr(self.source, "skipped_samples", 0)), *flops],
+    def _dp_sums(self) -> Tuple[float, Dict[str, int], Dict[str, int], Dict[str, float]]:
+        """(skipped samples, {modality: skips}, {modality: distinct bad samples}, {modality: encoder
+        FLOPs of the step}) summed over the data-parallel group in one all-reduce: every rank of a
+        DP replica reads the same data, so each replica counts once."""
+        ms = self.modalities
+        skips = getattr(self.source, "skipped_by_modality", dict)()  # occurrences (mock data: none)
+        bad = getattr(self.source, "bad_samples", dict)()  # distinct samples
+        n = torch.tensor([float(getattr(self.source, "skipped_samples", 0)), *(float(skips.get(m, 0)) for m in ms),
+                          *(float(bad.get(m, 0)) for m in ms), *(self._step_encoder_flops.get(m, 0.0) for m in ms)],
                          dtype=torch.float64, device=torch.cuda.current_device())
         dist.all_reduce(n, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        skipped, *summed = n.tolist()
-        return skipped, dict(zip(self.modalities, summed))
+        values = n.tolist()
+        k = len(ms)
+        return (values[0], {m: int(v) for m, v in zip(ms, values[1:1 + k])},
+                {m: int(v) for m, v in zip(ms, values[1 + k:1 + 2 * k])}, dict(zip(ms, values[1 + 2 * k:])))
 
     def tokens_per_modality(self) -> Dict[str, int]:
         """Tokens (rows x seq_length) each modality carried in the last step, over all DP ranks."""

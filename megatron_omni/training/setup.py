@@ -7,7 +7,7 @@ their own learning rate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -44,6 +44,8 @@ class TrainState:
     # Per-rank data-loader position of loaders that keep more than consumed_samples (the omni
     # loader's per-modality streams); checkpointed per (pp, tp, dp) rank.
     data_state: Optional[dict] = None
+    # The last train.loss_spike_window step losses: the loss-spike reference (training/loss_spikes.py).
+    recent_losses: List[float] = field(default_factory=list)
 
 
 def wrap_ddp(cfg: RunConfig, chunks: List[torch.nn.Module], dtype: torch.dtype) -> List[DistributedDataParallel]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from megatron.core import parallel_state
 
 from megatron_omni.config.loader import ConfigError
 from megatron_omni.config.schema import RunConfig
 from megatron_omni.data import DataParallelSampler, build_text_datasets, build_tokenizer, text_microbatches
+from megatron_omni.data.text import describe_text_sample
 
 
 @dataclass
@@ -20,6 +21,15 @@ class TextData:
 
     def train_iterators(self, cfg: RunConfig, num_chunks: int, consumed_samples: int) -> List[Optional[Iterator]]:
         return chunk_iterators(cfg, self.train, num_chunks, consumed_samples)
+
+    def step_samples(self, cfg: RunConfig, consumed_samples: int, num_microbatches: int) -> List[Tuple[str, List[str]]]:
+        """("text", sample ids) of each of this DP rank's microbatches of the step that started at
+        `consumed_samples`: the sampler's order is a function of it, so nothing is kept per step."""
+        sampler = DataParallelSampler(len(self.train), consumed_samples, cfg.train.micro_batch_size,
+                                      parallel_state.get_data_parallel_rank(),
+                                      parallel_state.get_data_parallel_world_size())
+        return [("text", [describe_text_sample(self.train, i) for i in indices])
+                for indices, _ in zip(sampler, range(num_microbatches))]
 
 
 def chunk_iterators(cfg: RunConfig, dataset, num_chunks: int, consumed_samples: int) -> List[Optional[Iterator]]:

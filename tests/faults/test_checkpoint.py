@@ -50,22 +50,24 @@ def test_truncated_missing_and_changed_files_are_named(four_checkpoints, tmp_pat
     assert f"{ckpt / '.metadata'}: missing" in problems
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(four_checkpoints, tmp_path):
-    """Same-size corruption of an optimizer/model shard used to load silently and train on NaNs."""
+def test_corrupt_newest_checkpoints_fall_back_to_the_last_complete_one(four_checkpoints, tmp_path):
+    """Same-size corruption of an optimizer/model shard used to load silently and train on NaNs;
+    a truncated shard gave a bare EOFError.  Newest: 4 KiB overwritten; the one before: truncated."""
     out = _copy(four_checkpoints, tmp_path / "run")
-    newest = out / "checkpoints" / "iter_0000004"
+    newest, before = out / "checkpoints" / "iter_0000004", out / "checkpoints" / "iter_0000003"
     with open(newest / _shard(newest), "r+b") as f:
         f.seek(8192)
         f.write(b"\xff" * 4096)
+    os.truncate(before / _shard(before), os.path.getsize(before / _shard(before)) // 2)  # a cut-off copy
     # resume and train 2 more steps; the lr is changed: the config's schedule must run (and be said)
     proc = train(1, out, FAULT_STEPS[:1] + ["train.steps=6", f"train.load={out / 'checkpoints'}",
                                              "optimizer.lr=1.0e-3"], cache_dir=tmp_path / "cache")
     log = proc.stdout + proc.stderr
-    assert f"{newest / _shard(newest)}: checksum mismatch" in log
-    assert "loaded the previous complete checkpoint" in log and "iter_0000003" in log
+    assert f"{newest / _shard(newest)}: checksum mismatch" in log and f"{before / _shard(before)}: truncated" in log
+    assert "loaded the previous complete checkpoint" in log and "iter_0000002 instead" in log
     assert "LR schedule after resume: the config's (lr 0.001" in log and "optimizer.lr: checkpoint 0.003" in log
     rows = {r["step"]: r for r in metrics(out)}
-    assert rows[4]["consumed_samples"] == 32  # step 4 trained again from step 3
+    assert rows[3]["consumed_samples"] == 24  # steps 3 and 4 trained again from step 2
     # the config's schedule, computed by megatron's scheduler for the resumed step 4 (warmup 1,
     # cosine to min_lr 3e-4 over train.steps=6)
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler

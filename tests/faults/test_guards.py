@@ -22,6 +22,8 @@ from tests.helpers.launch import metrics, train
     ("train.keep_last_checkpoints=0", "train.keep_last_checkpoints=0 must be a number >= 1 (or null)"),
     ("optimizer.lr=-1.0", "optimizer.lr=-1.0 must be a number >= 0"),
     ("optimizer.resume_schedule=newest", "optimizer.resume_schedule='newest' is not one of"),
+    ("parallel.distributed_timeout_minutes=0", "parallel.distributed_timeout_minutes=0 must be a number >= 1"),
+    ("train.loss_spike_window=0", "train.loss_spike_window=0 must be a number >= 1"),
 ])
 def test_invalid_sizes_are_refused_with_the_key(override, message):
     cfg = load_config("configs/tiny/llm.yaml", [override])
@@ -31,12 +33,17 @@ def test_invalid_sizes_are_refused_with_the_key(override, message):
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_finite_checkpoint(tmp_path, data_cache):
-    """NaN gradients injected at steps 2, 4 and 5 (test hook); train.skip_nonfinite_steps=2."""
+    """NaN gradients injected at steps 2, 4 and 5 (test hook), a NaN loss in step 4's first
+    microbatch; train.skip_nonfinite_steps=2."""
     proc = train(1, tmp_path, ["train.steps=6", "train.skip_nonfinite_steps=2"], cache_dir=data_cache,
-                 env={"MEGATRON_OMNI_INJECT_NONFINITE": "2,4,5"}, check=False)
+                 env={"MEGATRON_OMNI_INJECT_NONFINITE": "2,4,5", "MEGATRON_OMNI_INJECT_FAULT": "nanloss@step:4"},
+                 check=False)
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "NonFiniteError: steps [4, 5] had non-finite losses or gradients" in log
-    assert "step 2: non-finite loss or gradient" in log
+    assert "step 2: non-finite loss or gradient (every microbatch's loss is finite: the gradients are not)" in log
+    # the microbatch is named with its samples: step 4 reads samples 24.. (3 steps x 8), 2 per microbatch
+    assert "step 4: non-finite loss or gradient (non-finite loss in 1 microbatch(es): DP rank 0 microbatch 0 " \
+           "(text: train sample 24 (" in log and "), train sample 25 (" in log
     rows = {r["step"]: r for r in metrics(tmp_path)}
     assert sorted(rows) == [1, 2, 3, 4, 5]
     assert rows[2].get("skipped_update") and math.isnan(rows[2]["grad_norm"])
