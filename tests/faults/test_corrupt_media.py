@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from tests.helpers.launch import metrics, train
-from tests.training.test_param_groups import one_rank_world  # noqa: F401  (fixture)
+from tests.training.conftest import one_rank_world  # noqa: F401  (fixture)
 
 MEDIA = ("*.jpg", "*.png", "*.mp4", "*.webm", "*.opus", "*.wav")
 

@@ -8,7 +8,7 @@ import pytest
 from megatron_omni.config import load_config
 from megatron_omni.training.checkpoint import load_checkpoint
 from megatron_omni.training.loop import build_train_state
-from tests.training.test_param_groups import one_rank_world  # noqa: F401  (fixture)
+from tests.training.conftest import one_rank_world  # noqa: F401  (fixture)
 
 
 def test_a_checkpoint_of_another_model_size_is_refused(one_rank_world, four_checkpoints):  # noqa: F811

@@ -12,7 +12,7 @@ from megatron_omni.config import load_config
 from megatron_omni.training.checkpoint import _prime_torch_adam_state, save_checkpoint
 from megatron_omni.training.guards import NonFiniteError, _optimizer_state_tensors
 from megatron_omni.training.loop import build_train_state
-from tests.training.test_param_groups import one_rank_world  # noqa: F401  (fixture)
+from tests.training.conftest import one_rank_world  # noqa: F401  (fixture)
 
 
 @pytest.mark.parametrize("where", ["parameter", "optimizer state"])

@@ -12,7 +12,7 @@ from megatron.core import parallel_state
 
 from megatron_omni.config import load_config
 from megatron_omni.parallel.initialize import initialize_distributed
-from tests.training.test_param_groups import one_rank_world  # noqa: F401  (fixture)
+from tests.training.conftest import one_rank_world  # noqa: F401  (fixture)
 
 
 def _timeout(group) -> datetime.timedelta:
