@@ -1,0 +1,58 @@
+"""A run starting from a converted omni checkpoint (`omni-from-hf`, or `hf-to-mcore` of an exported omni
+folder) must build the architecture that checkpoint was converted for.
+
+dist_checkpointing only catches shape differences; a RoPE base, norm epsilon, activation, M-RoPE split,
+audio front end or LLM width of a run config that disagrees with the converted weights would train
+silently on wrong numerics.  So the run's `model` / `omni` sections are compared with the checkpoint's
+`model.yaml` (what the HF configs said), field by field; the knobs that do not change what the weights
+mean (kernels, recompute, dropout, init, vocabulary padding, which modules are frozen) may differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, List
+
+from megatron_omni.config.loader import ConfigError
+from megatron_omni.config.schema import RunConfig
+
+# Fields a stage may set freely on top of the converted architecture.
+TRAINING_KNOBS = frozenset({
+    "transformer_impl", "fp8", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo",
+    "recompute_granularity", "recompute_method", "recompute_num_layers", "recompute", "attention_dropout",
+    "hidden_dropout", "init_method_std", "make_vocab_size_divisible_by", "max_position_embeddings", "freeze",
+})
+
+
+def _differences(ours: Any, theirs: Any, where: str) -> List[str]:
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        out = []
+        for key in sorted(set(ours) | set(theirs)):
+            if key not in TRAINING_KNOBS:
+                out += _differences(ours.get(key), theirs.get(key), f"{where}.{key}")
+        return out
+    return [] if ours == theirs else [f"{where}: run {ours!r}, checkpoint {theirs!r}"]
+
+
+def check_converted_architecture(cfg: RunConfig, root: str) -> None:
+    """ConfigError naming every architecture field in which `cfg` differs from the converted omni
+    checkpoint at `root` (a checkpoints root holding model.yaml); nothing to check for other checkpoints."""
+    from megatron_omni.convert.convert import MODEL_FILE
+    from megatron_omni.convert.omni_import import LLM_FILE, OMNI_FILE, find_omni_config
+
+    if os.path.basename(os.path.normpath(root)).startswith("iter_"):
+        root = os.path.dirname(os.path.normpath(root))
+    if cfg.omni is None or not os.path.isfile(os.path.join(root, MODEL_FILE)):
+        return
+    model, omni = find_omni_config(root)
+    if omni is None:
+        return  # an LLM-only conversion: the checkpoint loader names what the omni run misses
+    diffs = _differences(dataclasses.asdict(cfg.model), dataclasses.asdict(model), "model")
+    diffs += _differences(dataclasses.asdict(cfg.omni), dataclasses.asdict(omni), "omni")
+    if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; ... {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        raise ConfigError(
+            f"train.pretrained_checkpoint={root} was converted for another architecture ({shown}).  Train the "
+            f"converted one: model={os.path.join(root, LLM_FILE)} omni={os.path.join(root, OMNI_FILE)} on the "
+            f"command line (then the stage's omni.freeze=[...] again), or fix the run config")
