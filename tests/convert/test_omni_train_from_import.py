@@ -1,0 +1,147 @@
+"""A stage trains from an `omni-from-hf` import (issue 13): random small HF parts (Llama with the demo
+tokenizer's vocabulary, Qwen2-VL, Whisper) -> omni checkpoint at TP2 -> PT-1 on the demo data at
+TP1 x PP2 (another vocabulary padding) with train.pretrained_checkpoint.  The frozen LLM and encoders
+come out of training as imported (bit for bit) and the trained model's text logits are transformers'
+Llama's; only the connectors moved; the losses are finite.  tools/forward.py runs a manifest row
+(image + video + audio, built by the training sample builder) on that run at TP2 and its logits equal
+the exported HF folder's (transformers' Llama / Qwen2-VL vision / Whisper modules) on the same sample."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.convert.convert_helpers import SPECS, hf_logits, make_hf_llama
+from tests.convert.omni_export_helpers import hf_inputs, megatron_logits, megatron_model
+from tests.convert.omni_helpers import make_hf_qwen2vl, make_hf_whisper
+from tests.helpers.launch import REPO, metrics, torchrun, train
+
+transformers = pytest.importorskip("transformers")
+TOL = 1e-4
+TEXT_VOCAB = 2000  # the demo sentencepiece tokenizer's (megatron_omni/assets/demo_text/tokenizer.model)
+CONNECTORS = ("vision.merger.", "audio.connector.")
+PT1 = ["parallel.pp=2", "train.steps=1", "train.save_interval=1", "train.eval_interval=null", "data.seq_length=256",
+       "train.micro_batch_size=1", "train.global_batch_size=4", "optimizer.lr_warmup_steps=0"]
+MIXED_ROW = {"id": "mixed-0", "task": "instruct", "modality": "image",
+             "media": ["images/caption_000.jpg", "videos/video_000.webm", "audio/beeps_000.opus"],
+             "conversations": [
+                 {"role": "user", "content": "<image>images/caption_000.jpg</image> then <video>videos/video_000.webm"
+                                             "</video> and <audio>audio/beeps_000.opus</audio>: what is there?"},
+                 {"role": "assistant", "content": "A picture, a moving shape and beeps."}]}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_data):
+    from megatron_omni.convert.omni_import import omni_from_hf
+
+    root = tmp_path_factory.mktemp("train_from_import")
+    llm = make_hf_llama(root / "llm", seed=0, **{**SPECS["gqa"], "vocab_size": TEXT_VOCAB})
+    whisper = make_hf_whisper(root / "whisper", max_source_positions=750)  # the demo clips: up to 15 s
+    imported = root / "omni"
+    omni_from_hf(str(llm), str(imported), vision_dir=str(make_hf_qwen2vl(root / "qwen2vl")),
+                 audio_dir=str(whisper), tp=2, pp=1, audio_codebook_size=64)
+    run = root / "pt1"
+    proc = train(2, run, [*PT1, f"model={imported}/llm.yaml", f"omni={imported}/omni.yaml",
+                          "omni.freeze=[vision_encoder,audio_encoder,llm]", f"train.pretrained_checkpoint={imported}",
+                          f"data.root={demo_data}", f"train.load={run / 'checkpoints'}"],
+                 cache_dir=root / "cache", config="configs/tiny/stages/pt1.yaml")
+    return {"root": root, "llm": llm, "imported": imported, "run": run, "ckpt": run / "checkpoints",
+            "log": proc.stdout + proc.stderr, "demo": demo_data}
+
+
+def test_pt1_starts_from_the_import_at_another_layout(trained):
+    from megatron_omni.convert.mcore_io import CheckpointReader, megatron_world
+    from megatron_omni.convert.omni_import import find_omni_config
+    from megatron_omni.models.omni_vocab import OmniVocab
+
+    log = trained["log"]
+    assert "weights only; layout {'tp': 2, 'pp': 1" in log and "-> {'tp': 1, 'pp': 2" in log, log[-3000:]
+    assert "vocabulary padded for another TP size" in log  # 2304 rows at TP2, 2176 here
+    (row,) = metrics(trained["run"])
+    assert set(row["losses"]) == {"image", "audio"}
+    assert all(math.isfinite(v) for v in [row["loss"], *row["losses"].values()]), row
+
+    # frozen through PT-1: every LLM / encoder tensor is the import's bit for bit; the connectors trained
+    before, after = CheckpointReader(str(trained["imported"])), CheckpointReader(str(trained["ckpt"]))
+    assert set(after.model_keys()) == set(before.model_keys())
+    rows = OmniVocab(TEXT_VOCAB, 64).size
+    moved = []
+    for key in before.model_keys():
+        a, b = before.read({"t": (key, None)})["t"], after.read({"t": (key, None)})["t"]
+        if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            assert (a.shape[0], b.shape[0]) == (2304, 2176)
+            a, b = a[:rows], b[:rows]
+        if not torch.equal(a, b):
+            moved.append(key)
+    assert moved and all(k.startswith(CONNECTORS) for k in moved), moved
+    assert {k.split(".")[0] for k in moved} == {"vision", "audio"}
+
+    # the trained model's text logits are transformers' Llama's (megatron's loader, TP1 x PP2 -> one rank)
+    ids = np.random.default_rng(0).integers(0, TEXT_VOCAB, size=(2, 24), dtype=np.int64)
+    with megatron_world():
+        model = megatron_model(trained["ckpt"], 24)
+        got = megatron_logits(model, {"input_ids": torch.from_numpy(ids),
+                                      "position_ids": torch.arange(24).expand(3, 2, 24), "pixel_values": None,
+                                      "image_grid_thw": None, "pixel_values_videos": None, "video_grid_thw": None,
+                                      "audio_features": None, "audio_lengths": None})
+    model_cfg, _ = find_omni_config(str(trained["imported"]))
+    assert model_cfg.vocab_size == TEXT_VOCAB and got.shape == (2, 24, rows)
+    delta = float(np.abs(got[..., :TEXT_VOCAB].numpy() - hf_logits(trained["llm"], ids)).max())
+    print(f"\nafter PT-1 from the import: megatron text logits vs transformers Llama max|d| {delta:.2e}")
+    assert delta <= TOL
+
+
+def test_forward_tool_on_a_manifest_row_equals_the_exported_folder(trained, tmp_path):
+    from megatron_omni.config.schema import DataConfig
+    from megatron_omni.convert import mcore_to_hf
+    from megatron_omni.convert.omni_export import omni_configs
+    from megatron_omni.data.forward_batches import manifest_microbatch
+    from megatron_omni.data.tokenizer import build_tokenizer
+    from megatron_omni.models.omni import omni_vocab
+
+    manifest = tmp_path / "mixed.jsonl"
+    manifest.write_text("\n" + json.dumps(MIXED_ROW) + "\n")  # the sample is on line 2
+    out = tmp_path / "logits.npy"
+    torchrun(2, [str(REPO / "tools" / "forward.py"), "--load", str(trained["ckpt"]), "--manifest", str(manifest),
+                 "--line", "2", "--data-root", str(trained["demo"]), "--output", str(out), "parallel.tp=2"])
+    got = torch.from_numpy(np.load(out))
+
+    model_cfg, omni, _ = omni_configs(str(trained["ckpt"]))
+    tokenizer = build_tokenizer(DataConfig(tokenizer_model=str(REPO / "megatron_omni/assets/demo_text/tokenizer.model")))
+    mb = manifest_microbatch(str(manifest), 2, root=str(trained["demo"]), tokenizer=tokenizer,
+                             vocab=omni_vocab(model_cfg, omni), vision=omni.vision, audio=omni.audio,
+                             max_image_tokens=320, max_video_frames=16)
+    assert all(x is not None for x in (mb.pixel_values, mb.pixel_values_videos, mb.audio_features))
+    mcore_to_hf(str(trained["ckpt"]), str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True,
+                                                            dtype=torch.float32).eval()
+    sample = {"input_ids": mb.tokens, **{k: getattr(mb, k) for k in (
+        "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "audio_features", "audio_lengths")}}
+    with torch.no_grad():
+        ref = hf(**hf_inputs(sample)).logits
+    assert got.shape == ref.shape == (1, mb.tokens.shape[1], omni_vocab(model_cfg, omni).size)
+    delta = (got - ref).abs().max().item()
+    print(f"\nforward.py --manifest (TP2) vs exported HF folder on image+video+audio+text ({mb.tokens.shape[1]} "
+          f"tokens): max|d| {delta:.2e} (logit scale {ref.abs().max():.2f})")
+    assert delta <= TOL
+
+
+def test_a_run_config_for_another_architecture_is_refused(trained):
+    """The tiny stage config's own encoders (width 64; the import's are 32 wide) against the import: one
+    error naming the differing fields and the fix; the import's own sections (with the stage's freeze) pass."""
+    from megatron_omni.config.loader import ConfigError, load_config
+    from megatron_omni.training.pretrained_config import check_converted_architecture
+
+    imported = trained["imported"]
+    with pytest.raises(ConfigError, match="converted for another architecture") as info:
+        check_converted_architecture(load_config("configs/tiny/stages/pt1.yaml"), str(imported))
+    msg = str(info.value)
+    assert "omni.vision.hidden_size: run 64, checkpoint 32" in msg and "omni.audio_codebook_size" in msg
+    assert f"model={imported}/llm.yaml omni={imported}/omni.yaml" in msg
+    ours = load_config("configs/tiny/stages/pt1.yaml", [f"model={imported}/llm.yaml", f"omni={imported}/omni.yaml",
+                                                        "omni.freeze=[vision_encoder,audio_encoder,llm]"])
+    check_converted_architecture(ours, str(imported / "iter_0000000"))
