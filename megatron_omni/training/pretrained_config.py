@@ -11,6 +11,7 @@ mean (kernels, recompute, dropout, init, vocabulary padding, which modules are f
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, List
 
@@ -32,7 +33,7 @@ def _differences(ours: Any, theirs: Any, where: str) -> List[str]:
             if key not in TRAINING_KNOBS:
                 out += _differences(ours.get(key), theirs.get(key), f"{where}.{key}")
         return out
-    return [] if ours == theirs else [f"{where}: run {ours!r}, checkpoint {theirs!r}"]
+    return [] if ours == theirs else [f"{where}={json.dumps(theirs)} (run: {json.dumps(ours)})"]
 
 
 def check_converted_architecture(cfg: RunConfig, root: str) -> None:
@@ -53,6 +54,7 @@ def check_converted_architecture(cfg: RunConfig, root: str) -> None:
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; ... {len(diffs) - 8} more" if len(diffs) > 8 else "")
         raise ConfigError(
-            f"train.pretrained_checkpoint={root} was converted for another architecture ({shown}).  Train the "
-            f"converted one: model={os.path.join(root, LLM_FILE)} omni={os.path.join(root, OMNI_FILE)} on the "
-            f"command line (then the stage's omni.freeze=[...] again), or fix the run config")
+            f"train.pretrained_checkpoint={root} was converted for another architecture: {shown}.  Train the "
+            f"converted one: pass those checkpoint values as overrides (section.key=value, to every stage of a "
+            f"chain), or model={os.path.join(root, LLM_FILE)} omni={os.path.join(root, OMNI_FILE)} (then the "
+            f"stage's omni.freeze=[...] again)")

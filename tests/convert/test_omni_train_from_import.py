@@ -140,7 +140,7 @@ def test_a_run_config_for_another_architecture_is_refused(trained):
     with pytest.raises(ConfigError, match="converted for another architecture") as info:
         check_converted_architecture(load_config("configs/tiny/stages/pt1.yaml"), str(imported))
     msg = str(info.value)
-    assert "omni.vision.hidden_size: run 64, checkpoint 32" in msg and "omni.audio_codebook_size" in msg
+    assert "omni.vision.hidden_size=32 (run: 64)" in msg and "omni.audio_codebook_size" in msg
     assert f"model={imported}/llm.yaml omni={imported}/omni.yaml" in msg
     ours = load_config("configs/tiny/stages/pt1.yaml", [f"model={imported}/llm.yaml", f"omni={imported}/omni.yaml",
                                                         "omni.freeze=[vision_encoder,audio_encoder,llm]"])
