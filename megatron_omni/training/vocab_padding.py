@@ -2,8 +2,10 @@
 
 The embedding and output layer are padded to a multiple of make_vocab_size_divisible_by * TP
 (`ModelConfig.padded_vocab_size`), so a checkpoint written at TP2 (`omni-from-hf --tp 2`, or a
-stage trained at TP2) has more rows than the same model at TP1 or fewer than at TP4 -- the same
-vocabulary, only the padding differs, yet dist_checkpointing refuses the other global shape.
+stage trained at TP2) may have more rows than the same model at TP1 or fewer than at TP4 (Llama-3's
+128256 + the omni tokens: 132608 at TP2, 132480 at TP1), as may one written with another
+make_vocab_size_divisible_by -- the same vocabulary, only the padding differs, yet
+dist_checkpointing refuses the other global shape.
 For a weights-only load (`train.pretrained_checkpoint`, `tools/forward.py`) those two tensors
 are requested whole at the checkpoint's shape and each rank copies its own rows; rows the
 checkpoint lacks (padding only) keep this model's own init.  The real vocabulary rows must be

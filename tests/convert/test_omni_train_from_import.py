@@ -1,6 +1,7 @@
-"""A stage trains from an `omni-from-hf` import (issue 13): random small HF parts (Llama with the demo
-tokenizer's vocabulary, Qwen2-VL, Whisper) -> omni checkpoint at TP2 -> PT-1 on the demo data at
-TP1 x PP2 (another vocabulary padding) with train.pretrained_checkpoint.  The frozen LLM and encoders
+"""A stage trains from an `omni-from-hf` import (issue 13): random small HF parts shaped as the tiny configs
+(Llama with the demo tokenizer's vocabulary, Qwen2-VL, Whisper) -> omni checkpoint at TP2 -> PT-1
+(configs/tiny/stages/pt1.yaml as it is) on the demo data at TP1 x PP2 (another vocabulary padding) with
+train.pretrained_checkpoint -- the tiny analogue of the M2-omni-9B start from Llama-3.1-8B + Qwen2-VL's ViT.  The frozen LLM and encoders
 come out of training as imported (bit for bit) and the trained model's text logits are transformers'
 Llama's; only the connectors moved; the losses are finite.  tools/forward.py runs a manifest row
 (image + video + audio, built by the training sample builder) on that run at TP2 and its logits equal
@@ -23,6 +24,8 @@ from tests.helpers.launch import REPO, metrics, torchrun, train
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
 TEXT_VOCAB = 2000  # the demo sentencepiece tokenizer's (megatron_omni/assets/demo_text/tokenizer.model)
+CODEBOOK = 256  # configs/model/omni_tiny.yaml
+STAGE = "configs/tiny/stages/pt1.yaml"
 CONNECTORS = ("vision.merger.", "audio.connector.")
 PT1 = ["parallel.pp=2", "train.steps=1", "train.save_interval=1", "train.eval_interval=null", "data.seq_length=256",
        "train.micro_batch_size=1", "train.global_batch_size=4", "optimizer.lr_warmup_steps=0"]
@@ -39,16 +42,17 @@ def trained(tmp_path_factory, demo_data):
     from megatron_omni.convert.omni_import import omni_from_hf
 
     root = tmp_path_factory.mktemp("train_from_import")
+    # configs/model/tiny_llm.yaml + omni_tiny.yaml in HF form (the import derives the bundle from these configs)
     llm = make_hf_llama(root / "llm", seed=0, **{**SPECS["gqa"], "vocab_size": TEXT_VOCAB})
-    whisper = make_hf_whisper(root / "whisper", max_source_positions=750)  # the demo clips: up to 15 s
+    vision = make_hf_qwen2vl(root / "qwen2vl", embed_dim=64)
+    whisper = make_hf_whisper(root / "whisper", d_model=64, encoder_ffn_dim=256, max_source_positions=1500)
     imported = root / "omni"
-    omni_from_hf(str(llm), str(imported), vision_dir=str(make_hf_qwen2vl(root / "qwen2vl")),
-                 audio_dir=str(whisper), tp=2, pp=1, audio_codebook_size=64)
+    # padded to a multiple of 512 x TP2 (3072 rows), the run pads to 64 x TP1 (2304): the load takes the rows across
+    omni_from_hf(str(llm), str(imported), vision_dir=str(vision), audio_dir=str(whisper), tp=2, pp=1,
+                 audio_codebook_size=CODEBOOK, make_vocab_size_divisible_by=512)
     run = root / "pt1"
-    proc = train(2, run, [*PT1, f"model={imported}/llm.yaml", f"omni={imported}/omni.yaml",
-                          "omni.freeze=[vision_encoder,audio_encoder,llm]", f"train.pretrained_checkpoint={imported}",
-                          f"data.root={demo_data}", f"train.load={run / 'checkpoints'}"],
-                 cache_dir=root / "cache", config="configs/tiny/stages/pt1.yaml")
+    proc = train(2, run, [*PT1, f"train.pretrained_checkpoint={imported}", f"data.root={demo_data}",
+                          f"train.load={run / 'checkpoints'}"], cache_dir=root / "cache", config=STAGE)
     return {"root": root, "llm": llm, "imported": imported, "run": run, "ckpt": run / "checkpoints",
             "log": proc.stdout + proc.stderr, "demo": demo_data}
 
@@ -60,7 +64,7 @@ def test_pt1_starts_from_the_import_at_another_layout(trained):
 
     log = trained["log"]
     assert "weights only; layout {'tp': 2, 'pp': 1" in log and "-> {'tp': 1, 'pp': 2" in log, log[-3000:]
-    assert "vocabulary padded for another TP size" in log  # 2304 rows at TP2, 2176 here
+    assert "vocabulary padded for another TP size or make_vocab_size_divisible_by" in log
     (row,) = metrics(trained["run"])
     assert set(row["losses"]) == {"image", "audio"}
     assert all(math.isfinite(v) for v in [row["loss"], *row["losses"].values()]), row
@@ -68,12 +72,12 @@ def test_pt1_starts_from_the_import_at_another_layout(trained):
     # frozen through PT-1: every LLM / encoder tensor is the import's bit for bit; the connectors trained
     before, after = CheckpointReader(str(trained["imported"])), CheckpointReader(str(trained["ckpt"]))
     assert set(after.model_keys()) == set(before.model_keys())
-    rows = OmniVocab(TEXT_VOCAB, 64).size
+    rows = OmniVocab(TEXT_VOCAB, CODEBOOK).size
     moved = []
     for key in before.model_keys():
         a, b = before.read({"t": (key, None)})["t"], after.read({"t": (key, None)})["t"]
         if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            assert (a.shape[0], b.shape[0]) == (2304, 2176)
+            assert (a.shape[0], b.shape[0]) == (3072, 2304)
             a, b = a[:rows], b[:rows]
         if not torch.equal(a, b):
             moved.append(key)
@@ -131,17 +135,20 @@ def test_forward_tool_on_a_manifest_row_equals_the_exported_folder(trained, tmp_
 
 
 def test_a_run_config_for_another_architecture_is_refused(trained):
-    """The tiny stage config's own encoders (width 64; the import's are 32 wide) against the import: one
-    error naming the differing fields and the fix; the import's own sections (with the stage's freeze) pass."""
+    """What shapes cannot show (RoPE base, activation) and what they can (encoder width) against the import:
+    one error naming every differing field as the override that fixes it; the stage config as it is passes."""
     from megatron_omni.config.loader import ConfigError, load_config
     from megatron_omni.training.pretrained_config import check_converted_architecture
 
     imported = trained["imported"]
+    check_converted_architecture(load_config(STAGE), str(imported / "iter_0000000"))
+    wrong = load_config(STAGE, ["model.rotary_base=10000", "omni.vision.activation=gelu", "omni.audio.d_model=32",
+                                "model.transformer_impl=local", "omni.freeze=[]"])  # the last two may differ
     with pytest.raises(ConfigError, match="converted for another architecture") as info:
-        check_converted_architecture(load_config("configs/tiny/stages/pt1.yaml"), str(imported))
+        check_converted_architecture(wrong, str(imported))
     msg = str(info.value)
-    assert "omni.vision.hidden_size=32 (run: 64)" in msg and "omni.audio_codebook_size" in msg
+    for fix in ("model.rotary_base=500000.0 (run: 10000.0)", 'omni.vision.activation="quick_gelu" (run: "gelu")',
+                "omni.audio.d_model=64 (run: 32)"):
+        assert fix in msg, msg
+    assert "transformer_impl" not in msg and "freeze=" not in msg.split("(then")[0]
     assert f"model={imported}/llm.yaml omni={imported}/omni.yaml" in msg
-    ours = load_config("configs/tiny/stages/pt1.yaml", [f"model={imported}/llm.yaml", f"omni={imported}/omni.yaml",
-                                                        "omni.freeze=[vision_encoder,audio_encoder,llm]"])
-    check_converted_architecture(ours, str(imported / "iter_0000000"))
