@@ -13,9 +13,11 @@ training sample builder (data/sample_builder.py; output [1, S, vocab]):
     torchrun --nproc_per_node 2 tools/forward.py --load runs/pt1/checkpoints --manifest demo/manifests/caption.jsonl \
         --line 3 --data-root demo --output logits.npy parallel.tp=2
 
-The tokenizer is the run config's data.tokenizer_* (a training run), else the converted checkpoint's
-hf_source/ Llama-3 tokenizer (omni-from-hf), else data.tokenizer_type=.. data.tokenizer_model=...  The model config is --model, else <load>/model.yaml (converted checkpoints), else
-the run config next to a training run's checkpoints/.  Overrides are section.key=value (parallel.*,
+A training run's LoRA adapters (its config's lora: section, alignment tuning) are applied.  The
+tokenizer is the run config's data.tokenizer_* (a training run), else the converted checkpoint's
+hf_source/ Llama-3 tokenizer (omni-from-hf), else data.tokenizer_type=.. data.tokenizer_model=...
+The model config is --model, else <load>/model.yaml (converted checkpoints), else the run config
+next to a training run's checkpoints/.  Overrides are section.key=value (parallel.*,
 model.*, train.precision; default fp32).  Runs megatron's forward-only pipeline schedule on the
 real GPTModel chunks; the vocab-parallel logits are gathered over TP on the last pipeline stage.
 
@@ -84,9 +86,12 @@ def run_config(root: str, model_yaml, overrides):
     run_yaml, hf_source = os.path.join(os.path.dirname(root), "config.yaml"), os.path.join(root, HF_SOURCE)
     if os.path.isfile(run_yaml):
         with open(run_yaml) as f:
-            data = (yaml.safe_load(f) or {}).get("data")
+            run = yaml.safe_load(f) or {}
+        data = run.get("data")
         if isinstance(data, dict):
             tree["data"] = {k: data[k] for k in ("tokenizer_type", "tokenizer_model") if k in data}
+        if isinstance(run.get("lora"), dict):  # an alignment-tuning run: its adapters are part of the model
+            tree["lora"] = run["lora"]
     elif os.path.isfile(os.path.join(hf_source, "tokenizer.json")):
         tree["data"] = {"tokenizer_type": "huggingface", "tokenizer_model": hf_source}
     for text in overrides:
@@ -165,6 +170,10 @@ def run_one(load: str, ids_path: Optional[str], output: str, model_yaml, args: a
         chunks = build_llama_chunks(m, p, seq_length=seq, params_dtype=dtype)
     else:
         chunks = build_omni_chunks(m, p, omni_cfg, seq_length=seq, params_dtype=dtype)
+    if cfg.lora is not None:
+        from megatron_omni.training.loop import apply_lora_from_config
+
+        apply_lora_from_config(chunks, cfg)
     for chunk in chunks:
         chunk.cuda(torch.cuda.current_device())
     load_checkpoint(TrainState(model=chunks, optimizer=None, scheduler=None), load, finetune=True)

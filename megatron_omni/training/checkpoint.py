@@ -431,7 +431,8 @@ def _load_from(state: TrainState, path: str, *, finetune: bool, schedule: str) -
                                 "or truncated") from exc
     take_own_rows(loaded, repadded)
     if repadded:
-        log.info("%s: vocabulary padded for another TP size or make_vocab_size_divisible_by; %s read whole, this rank's rows taken", path,
+        log.info("%s: vocabulary padded for another TP size or make_vocab_size_divisible_by; %s read whole, "
+                 "this rank's rows taken", path,
                  ", ".join(sorted({r.name for r in repadded})))
     for chunk, key in zip(chunks, model_keys):
         missing, unexpected = chunk.load_state_dict(loaded[key], strict=not new_adapters)

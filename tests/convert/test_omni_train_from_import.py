@@ -1,11 +1,12 @@
-"""A stage trains from an `omni-from-hf` import (issue 13): random small HF parts shaped as the tiny configs
-(Llama with the demo tokenizer's vocabulary, Qwen2-VL, Whisper) -> omni checkpoint at TP2 -> PT-1
+"""A stage trains from an `omni-from-hf` import (issue 13), the tiny analogue of M2-omni-9B starting from
+Llama-3.1-8B + Qwen2-VL's ViT + an audio encoder: random small HF parts shaped as the tiny configs (Llama
+with the demo tokenizer's vocabulary, Qwen2-VL, Whisper) -> omni checkpoint at TP2 -> PT-1
 (configs/tiny/stages/pt1.yaml as it is) on the demo data at TP1 x PP2 (another vocabulary padding) with
-train.pretrained_checkpoint -- the tiny analogue of the M2-omni-9B start from Llama-3.1-8B + Qwen2-VL's ViT.  The frozen LLM and encoders
-come out of training as imported (bit for bit) and the trained model's text logits are transformers'
-Llama's; only the connectors moved; the losses are finite.  tools/forward.py runs a manifest row
-(image + video + audio, built by the training sample builder) on that run at TP2 and its logits equal
-the exported HF folder's (transformers' Llama / Qwen2-VL vision / Whisper modules) on the same sample."""
+train.pretrained_checkpoint.  The frozen LLM and encoders come out of training as imported (bit for bit)
+and the trained model's text logits are transformers' Llama's; only the connectors moved; the losses are
+finite.  tools/forward.py runs a manifest row (image + video + audio, built by the training sample
+builder) on that run at TP2 and its logits equal the exported HF folder's (transformers' Llama /
+Qwen2-VL vision / Whisper modules) on the same sample."""
 
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ def test_forward_tool_on_a_manifest_row_equals_the_exported_folder(trained, tmp_
     got = torch.from_numpy(np.load(out))
 
     model_cfg, omni, _ = omni_configs(str(trained["ckpt"]))
-    tokenizer = build_tokenizer(DataConfig(tokenizer_model=str(REPO / "megatron_omni/assets/demo_text/tokenizer.model")))
+    tokenizer = build_tokenizer(DataConfig(tokenizer_model=str(REPO / "megatron_omni" / "assets" / "demo_text" /
+                                                               "tokenizer.model")))
     mb = manifest_microbatch(str(manifest), 2, root=str(trained["demo"]), tokenizer=tokenizer,
                              vocab=omni_vocab(model_cfg, omni), vision=omni.vision, audio=omni.audio,
                              max_image_tokens=320, max_video_frames=16)
