@@ -29,7 +29,7 @@ CODEBOOK = 256  # configs/model/omni_tiny.yaml
 STAGE = "configs/tiny/stages/pt1.yaml"
 CONNECTORS = ("vision.merger.", "audio.connector.")
 PT1 = ["parallel.pp=2", "train.steps=1", "train.save_interval=1", "train.eval_interval=null", "data.seq_length=256",
-       "train.micro_batch_size=1", "train.global_batch_size=4", "optimizer.lr_warmup_steps=0"]
+       "train.micro_batch_size=1", "train.global_batch_size=2", "optimizer.lr_warmup_steps=0"]
 MIXED_ROW = {"id": "mixed-0", "task": "instruct", "modality": "image",
              "media": ["images/caption_000.jpg", "videos/video_000.webm", "audio/beeps_000.opus"],
              "conversations": [
