@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, List
+from typing import Any, List, Optional
 
 from megatron_omni.config.loader import ConfigError
-from megatron_omni.config.schema import RunConfig
+from megatron_omni.config.schema import ModelConfig, OmniConfig, RunConfig
 
 # Fields a stage may set freely on top of the converted architecture.
 TRAINING_KNOBS = frozenset({
@@ -36,6 +36,14 @@ def _differences(ours: Any, theirs: Any, where: str) -> List[str]:
     return [] if ours == theirs else [f"{where}={json.dumps(theirs)} (run: {json.dumps(ours)})"]
 
 
+def architecture_differences(run_model: ModelConfig, run_omni: Optional[OmniConfig], model: ModelConfig,
+                             omni: Optional[OmniConfig]) -> List[str]:
+    """`section.key=<converted value> (run: <run value>)` for every architecture field that differs."""
+    out = _differences(dataclasses.asdict(run_model), dataclasses.asdict(model), "model")
+    return out + _differences(dataclasses.asdict(run_omni) if run_omni else None,
+                              dataclasses.asdict(omni) if omni else None, "omni")
+
+
 def check_converted_architecture(cfg: RunConfig, root: str) -> None:
     """ConfigError naming every architecture field in which `cfg` differs from the converted omni
     checkpoint at `root` (a checkpoints root holding model.yaml); nothing to check for other checkpoints."""
@@ -49,8 +57,7 @@ def check_converted_architecture(cfg: RunConfig, root: str) -> None:
     model, omni = find_omni_config(root)
     if omni is None:
         return  # an LLM-only conversion: the checkpoint loader names what the omni run misses
-    diffs = _differences(dataclasses.asdict(cfg.model), dataclasses.asdict(model), "model")
-    diffs += _differences(dataclasses.asdict(cfg.omni), dataclasses.asdict(omni), "omni")
+    diffs = architecture_differences(cfg.model, cfg.omni, model, omni)
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; ... {len(diffs) - 8} more" if len(diffs) > 8 else "")
         raise ConfigError(

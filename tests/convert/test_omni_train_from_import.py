@@ -154,3 +154,48 @@ def test_a_run_config_for_another_architecture_is_refused(trained):
         assert fix in msg, msg
     assert "transformer_impl" not in msg and "freeze=" not in msg.split("(then")[0]
     assert f"model={imported}/llm.yaml omni={imported}/omni.yaml" in msg
+
+
+# The published configs of the paper's parts (Sec. 2.1, Table 1): meta-llama/Llama-3.1-8B and Llama-3.3-70B
+# config.json, Qwen/Qwen2-VL-7B-Instruct's vision_config, paraformer-zh's config.yaml (encoder / frontend).
+LLAMA_3 = dict(architectures=["LlamaForCausalLM"], hidden_act="silu", vocab_size=128256, rms_norm_eps=1e-5,
+               max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
+               attention_bias=False, mlp_bias=False, initializer_range=0.02,
+               rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"})
+LLAMA = {"9b": dict(LLAMA_3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8),
+         "72b": dict(LLAMA_3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                     num_attention_heads=64, num_key_value_heads=8)}
+QWEN2_VL_7B_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_chans=3, hidden_size=3584,
+                          patch_size=14, spatial_merge_size=2, spatial_patch_size=14, temporal_patch_size=2)
+PARAFORMER_ZH = {"encoder": "SANMEncoder",
+                 "encoder_conf": dict(output_size=512, attention_heads=4, linear_units=2048, num_blocks=50,
+                                      dropout_rate=0.1, positional_dropout_rate=0.1, attention_dropout_rate=0.1,
+                                      input_layer="pe", pos_enc_class="SinusoidalPositionEncoder",
+                                      normalize_before=True, kernel_size=11, sanm_shfit=0,
+                                      selfattention_layer_type="sanm"),
+                 "frontend": "WavFrontend",
+                 "frontend_conf": dict(fs=16000, window="hamming", n_mels=80, frame_length=25, frame_shift=10,
+                                       lfr_m=7, lfr_n=6)}
+
+
+@pytest.mark.parametrize("size", ["9b", "72b"])
+def test_m2omni_stage_configs_are_the_import_of_the_papers_parts(size):
+    """What omni-from-hf derives from Llama-3.x + Qwen2-VL-7B's ViT + paraformer-zh is the architecture of
+    configs/m2omni_<size>/stages/: PT-1 starts from that import with no model / omni override."""
+    from megatron_omni.config.loader import load_config
+    from megatron_omni.config.schema import OmniConfig
+    from megatron_omni.convert.llama import config_from_hf
+    from megatron_omni.convert.omni_import import mrope_section
+    from megatron_omni.convert.omni_sources import sanm_config_from_funasr, vision_config_from_hf
+    from megatron_omni.training.pretrained_config import architecture_differences
+
+    model = config_from_hf(LLAMA[size])
+    problems = []
+    vision, merger_width = vision_config_from_hf(QWEN2_VL_7B_VISION, model.hidden_size, problems)
+    audio = sanm_config_from_funasr(PARAFORMER_ZH, model.hidden_size, 3, problems)  # omni-from-hf's default 3
+    assert not problems and merger_width == 3584  # != the LLM width: the merger's last projection is re-initialised
+    omni = OmniConfig(vision=vision, audio=audio, audio_codebook_size=4096, mrope_section=mrope_section(model.head_dim))
+    run = load_config(f"configs/m2omni_{size}/stages/pt1.yaml")
+    assert architecture_differences(run.model, run.omni, model, omni) == []
