@@ -132,12 +132,17 @@ def run_one(load: str, ids_path: Optional[str], output: str, model_yaml, args: a
         if omni_cfg is None:
             raise SystemExit(f"--manifest: {load} is a language-model checkpoint (no omni: section in its "
                              "config); give it --input-ids")
+        from megatron_omni.data.media.errors import MediaError
         from megatron_omni.data.tokenizer import build_tokenizer
 
-        micro = [manifest_microbatch(args.manifest, args.line, root=args.data_root,
-                                     tokenizer=build_tokenizer(cfg.data, vocab_size=m.vocab_size), vocab=vocab,
-                                     vision=omni_cfg.vision, audio=omni_cfg.audio,
-                                     max_image_tokens=args.max_image_tokens, max_video_frames=args.max_video_frames)]
+        try:  # a bad row, a missing or undecodable medium: one line naming it (path:line)
+            micro = [manifest_microbatch(args.manifest, args.line, root=args.data_root,
+                                         tokenizer=build_tokenizer(cfg.data, vocab_size=m.vocab_size), vocab=vocab,
+                                         vision=omni_cfg.vision, audio=omni_cfg.audio,
+                                         max_image_tokens=args.max_image_tokens,
+                                         max_video_frames=args.max_video_frames)]
+        except (ValueError, OSError, MediaError) as err:  # ManifestError / TemplateError are ValueErrors
+            raise SystemExit(f"--manifest {args.manifest} --line {args.line}: {err}") from None
         batch, seq = micro[0].tokens.shape
         mbs = 1
     else:
