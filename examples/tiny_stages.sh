@@ -8,7 +8,8 @@
 # runs each stage from configs/tiny/stages/ starting from the previous stage's last checkpoint.
 # Re-running resumes: a finished stage is skipped by megatron's own checkpoint logic (its step
 # count is reached), an interrupted one continues from its last checkpoint.
-# Env: OUT (default runs/tiny_stages), NPROC (4), TP (2), PP (2), STAGES ("pt1 pt2 pt3 it1 it2 it3 at").
+# Env: OUT (default runs/tiny_stages), NPROC (4), TP (2), PP (2), STAGES ("pt1 pt2 pt3 it1 it2 it3 at"),
+# INIT_CHECKPOINT (an omni checkpoint the first stage starts from, e.g. an omni-from-hf import; default: scratch).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-runs/tiny_stages}
@@ -21,10 +22,12 @@ STAGES=${STAGES:-"pt1 pt2 pt3 it1 it2 it3 at"}
 prev=""
 for stage in $STAGES; do
     echo "=== stage $stage ==="
+    init=${INIT_CHECKPOINT:-}
+    [[ -n $prev ]] && init="$OUT/$prev/checkpoints"
     torchrun --standalone --nproc_per_node "$NPROC" -m megatron_omni.train --config "configs/tiny/stages/$stage.yaml" \
         data.root="$OUT/demo_data" parallel.tp="$TP" parallel.pp="$PP" \
         train.output_dir="$OUT/$stage" train.load="$OUT/$stage/checkpoints" \
-        train.pretrained_checkpoint="${prev:+$OUT/$prev/checkpoints}" "$@"
+        train.pretrained_checkpoint="$init" "$@"
     prev=$stage
 done
 echo "per-stage metrics: $OUT/<stage>/metrics.jsonl (losses per modality, modality_weights, val_losses)"

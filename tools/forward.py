@@ -5,10 +5,19 @@
         parallel.tp=2 parallel.pp=2
 
 --input-ids: int64 [B, S] (.npy).  --output: float32 [B, S, vocab] (.npy, vocabulary padding removed),
-an omni checkpoint (model.yaml / run config with an omni: section) runs as OmniModel on text ids (M-RoPE
-ids t = h = w = position, causal mask) and gives logits over the whole omni vocabulary (text ids first);
-written by rank 0.  The model config is --model, else <load>/model.yaml (converted checkpoints), else
-the run config next to a training run's checkpoints/.  Overrides are section.key=value (parallel.*,
+written by rank 0.  An omni checkpoint (model.yaml / run config with an omni: section) runs as OmniModel
+and gives logits over the whole omni vocabulary (text ids first), on text ids (M-RoPE ids t = h = w =
+position, causal mask) or, instead of --input-ids, on one manifest row with its media built by the
+training sample builder (data/sample_builder.py; output [1, S, vocab]):
+
+    torchrun --nproc_per_node 2 tools/forward.py --load runs/pt1/checkpoints --manifest demo/manifests/caption.jsonl \
+        --line 3 --data-root demo --output logits.npy parallel.tp=2
+
+A training run's LoRA adapters (its config's lora: section, alignment tuning) are applied.  The
+tokenizer is the run config's data.tokenizer_* (a training run), else the converted checkpoint's
+hf_source/ Llama-3 tokenizer (omni-from-hf), else data.tokenizer_type=.. data.tokenizer_model=...
+The model config is --model, else <load>/model.yaml (converted checkpoints), else the run config
+next to a training run's checkpoints/.  Overrides are section.key=value (parallel.*,
 model.*, train.precision; default fp32).  Runs megatron's forward-only pipeline schedule on the
 real GPTModel chunks; the vocab-parallel logits are gathered over TP on the last pipeline stage.
 
@@ -31,7 +40,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, action="append", help="checkpoints root (or one iter_XXXXXXX folder)")
-    p.add_argument("--input-ids", required=True, action="append", help="int64 token ids [B, S] (.npy)")
+    p.add_argument("--input-ids", action="append", default=[], help="int64 token ids [B, S] (.npy)")
+    p.add_argument("--manifest", help="instead of --input-ids (omni checkpoints): a JSONL manifest ...")
+    p.add_argument("--line", type=int, help="... the 1-based line of its sample ...")
+    p.add_argument("--data-root", help="... and the folder its media paths are relative to")
+    p.add_argument("--max-image-tokens", type=int, default=320, help="manifest mode: LLM tokens per image "
+                   "(Table 2: 320 PT, 1280 IT-1, 2560 IT-2/3)")
+    p.add_argument("--max-video-frames", type=int, default=16, help="manifest mode: frames per video")
     p.add_argument("--output", required=True, action="append",
                    help="float32 logits [B, S, vocab] (.npy), written by rank 0")
     p.add_argument("--model", action="append", default=None,
@@ -40,6 +55,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. parallel.tp=2 parallel.pp=2")
     args = p.parse_args(argv)
     n = len(args.load)
+    if args.manifest is not None:
+        if args.input_ids or n != 1 or args.line is None or args.data_root is None:
+            p.error("--manifest takes one --load, --line N and --data-root DIR, and no --input-ids")
+        args.input_ids = [None]
     if len(args.input_ids) != n or len(args.output) != n or (args.model is not None and len(args.model) != n):
         p.error("give --input-ids and --output (and --model, if any) once per --load")
     return args
@@ -48,11 +67,41 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     jobs = list(zip(args.load, args.input_ids, args.output, args.model or [None] * len(args.load)))
     for i, (load, ids_path, output, model) in enumerate(jobs):
-        run_one(load, ids_path, output, model, args.micro_batch_size, args.overrides, first=i == 0)
+        run_one(load, ids_path, output, model, args, first=i == 0)
     return 0
 
 
-def run_one(load: str, ids_path: str, output: str, model_yaml, micro_batch_size: int, overrides, first: bool) -> None:
+def run_config(root: str, model_yaml, overrides):
+    """(RunConfig, OmniConfig or None) of a checkpoint: its model (and omni) config, the data section
+    of a training run's config.yaml (tokenizer), fp32 unless overridden, then the overrides."""
+    import yaml
+
+    from megatron_omni.config.loader import apply_override, from_dict, parse_override
+    from megatron_omni.config.schema import RunConfig
+    from megatron_omni.convert.convert import HF_SOURCE
+    from megatron_omni.convert.omni_import import find_omni_config
+
+    model_cfg, omni_cfg = find_omni_config(root, model_yaml)
+    tree = {"model": dataclasses.asdict(model_cfg), "train": {"precision": "fp32"}}
+    run_yaml, hf_source = os.path.join(os.path.dirname(root), "config.yaml"), os.path.join(root, HF_SOURCE)
+    if os.path.isfile(run_yaml):
+        with open(run_yaml) as f:
+            run = yaml.safe_load(f) or {}
+        data = run.get("data")
+        if isinstance(data, dict):
+            tree["data"] = {k: data[k] for k in ("tokenizer_type", "tokenizer_model") if k in data}
+        if isinstance(run.get("lora"), dict):  # an alignment-tuning run: its adapters are part of the model
+            tree["lora"] = run["lora"]
+    elif os.path.isfile(os.path.join(hf_source, "tokenizer.json")):
+        tree["data"] = {"tokenizer_type": "huggingface", "tokenizer_model": hf_source}
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(tree, parts, value, RunConfig)
+    return from_dict(RunConfig, tree), omni_cfg
+
+
+def run_one(load: str, ids_path: Optional[str], output: str, model_yaml, args: argparse.Namespace,
+            first: bool) -> None:
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -61,9 +110,6 @@ def run_one(load: str, ids_path: str, output: str, model_yaml, micro_batch_size:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
     from megatron.core.transformer.module import Float16Module
 
-    from megatron_omni.config.loader import apply_override, from_dict, parse_override
-    from megatron_omni.config.schema import RunConfig
-    from megatron_omni.convert.omni_import import find_omni_config
     from megatron_omni.convert.mcore_io import resolve_iteration
     from megatron_omni.models.llama import build_llama_chunks
     from megatron_omni.parallel.initialize import initialize_distributed, set_random_seeds
@@ -71,32 +117,52 @@ def run_one(load: str, ids_path: str, output: str, model_yaml, micro_batch_size:
     from megatron_omni.training.checkpoint import load_checkpoint
     from megatron_omni.training.setup import TrainState, params_dtype
 
-    ids = np.load(ids_path)
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise SystemExit(f"--input-ids: expected integer token ids [B, S], got {ids.dtype} {list(ids.shape)}")
-    batch, seq = ids.shape
+    mbs = args.micro_batch_size
     root, _ = resolve_iteration(load)
-    model_cfg, omni_cfg = find_omni_config(root, model_yaml)
-    tree = {"model": dataclasses.asdict(model_cfg), "train": {"precision": "fp32"}}
-    for text in overrides:
-        parts, value = parse_override(text)
-        apply_override(tree, parts, value, RunConfig)
-    cfg = from_dict(RunConfig, tree)
-    cfg.data.seq_length = seq
+    cfg, omni_cfg = run_config(root, model_yaml, args.overrides)
     p, m = cfg.parallel, cfg.model
     vocab_size = m.vocab_size
     if omni_cfg is not None:
+        from megatron_omni.data.forward_batches import manifest_microbatch, text_microbatches
         from megatron_omni.models.omni import build_omni_chunks, omni_vocab
 
-        vocab_size = omni_vocab(m, omni_cfg).size
-    if ids.min() < 0 or ids.max() >= vocab_size:
-        raise SystemExit(f"--input-ids: token ids must be in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
-    if batch % micro_batch_size:
-        raise SystemExit(f"batch {batch} is not divisible by --micro-batch-size {micro_batch_size}")
+        vocab = omni_vocab(m, omni_cfg)
+        vocab_size = vocab.size
+    if args.manifest is not None:
+        if omni_cfg is None:
+            raise SystemExit(f"--manifest: {load} is a language-model checkpoint (no omni: section in its "
+                             "config); give it --input-ids")
+        from megatron_omni.data.media.errors import MediaError
+        from megatron_omni.data.tokenizer import build_tokenizer
 
-    if p.vpp and (batch // micro_batch_size) % p.pp:
+        try:  # a bad row, a missing or undecodable medium: one line naming it (path:line)
+            micro = [manifest_microbatch(args.manifest, args.line, root=args.data_root,
+                                         tokenizer=build_tokenizer(cfg.data, vocab_size=m.vocab_size), vocab=vocab,
+                                         vision=omni_cfg.vision, audio=omni_cfg.audio,
+                                         max_image_tokens=args.max_image_tokens,
+                                         max_video_frames=args.max_video_frames)]
+        except (ValueError, OSError, MediaError) as err:  # ManifestError / TemplateError are ValueErrors
+            raise SystemExit(f"--manifest {args.manifest} --line {args.line}: {err}") from None
+        batch, seq = micro[0].tokens.shape
+        mbs = 1
+    else:
+        ids = np.load(ids_path)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise SystemExit(f"--input-ids: expected integer token ids [B, S], got {ids.dtype} {list(ids.shape)}")
+        batch, seq = ids.shape
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            raise SystemExit(f"--input-ids: token ids must be in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
+        if batch % mbs:
+            raise SystemExit(f"batch {batch} is not divisible by --micro-batch-size {mbs}")
+        if omni_cfg is not None:
+            micro = text_microbatches(ids, mbs)
+        else:
+            micro = [torch.from_numpy(ids[i:i + mbs].astype(np.int64)) for i in range(0, batch, mbs)]
+    cfg.data.seq_length = seq
+
+    if p.vpp and len(micro) % p.pp:
         raise SystemExit(f"interleaved pipelining (parallel.vpp) needs the number of micro-batches "
-                         f"({batch // micro_batch_size}) to be a multiple of parallel.pp={p.pp}")
+                         f"({len(micro)}) to be a multiple of parallel.pp={p.pp}")
     if first:
         initialize_distributed(p)
     world = dist.get_world_size()
@@ -109,6 +175,10 @@ def run_one(load: str, ids_path: str, output: str, model_yaml, micro_batch_size:
         chunks = build_llama_chunks(m, p, seq_length=seq, params_dtype=dtype)
     else:
         chunks = build_omni_chunks(m, p, omni_cfg, seq_length=seq, params_dtype=dtype)
+    if cfg.lora is not None:
+        from megatron_omni.training.loop import apply_lora_from_config
+
+        apply_lora_from_config(chunks, cfg)
     for chunk in chunks:
         chunk.cuda(torch.cuda.current_device())
     load_checkpoint(TrainState(model=chunks, optimizer=None, scheduler=None), load, finetune=True)
@@ -116,27 +186,32 @@ def run_one(load: str, ids_path: str, output: str, model_yaml, micro_batch_size:
     for chunk in model:
         chunk.eval()
 
-    mbs = micro_batch_size
-    micro = [torch.from_numpy(ids[i:i + mbs].astype(np.int64)) for i in range(0, batch, mbs)]
     positions = torch.arange(seq, dtype=torch.long).unsqueeze(0)
-    causal = torch.ones(seq, seq, dtype=torch.bool).tril().logical_not()[None, None]  # True = masked
 
     def forward_step(data_iterator, chunk):
-        tokens = next(data_iterator) if data_iterator is not None else None
-        vp = unwrap(chunk).vp_stage
+        item = next(data_iterator) if data_iterator is not None else None
+        inner = unwrap(chunk)
+        vp = inner.vp_stage
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=vp is None, vp_stage=vp)
-        mask = None
-        if omni_cfg is not None:  # M-RoPE ids and the (arbitrary-type) mask on every stage
-            b = mbs
-            pos = positions.expand(3, b, seq).cuda()
-            mask = causal.expand(b, 1, seq, seq).cuda()
-            tokens = tokens.cuda() if first else None
-        elif first:
-            tokens = tokens.cuda()
-            pos = positions.expand(tokens.shape[0], seq).cuda()
+        if omni_cfg is not None:  # as the training step: M-RoPE ids and the mask on every stage, media on the first
+            from megatron_omni.training.stage_inputs import stage_inputs
+
+            if inner.pre_process:
+                item.count_placeholders(inner.vocab.placeholder_ids)
+            mb, mask = stage_inputs(item, {}, inner)
+            media = {}
+            if inner.pre_process:
+                media = dict(pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw,
+                             pixel_values_videos=mb.pixel_values_videos, video_grid_thw=mb.video_grid_thw,
+                             audio_features=mb.audio_features, audio_lengths=mb.audio_lengths,
+                             placeholder_counts=mb.placeholder_counts)
+            output = chunk(mb.tokens if inner.pre_process else None, mb.position_ids, mask, **media)
         else:
             tokens = pos = None
-        output = chunk(tokens, pos, mask)
+            if first:
+                tokens = item.cuda()
+                pos = positions.expand(tokens.shape[0], seq).cuda()
+            output = chunk(tokens, pos, None)
 
         def gather_logits(output_tensor):  # [b, s, V/tp] -> [b, s, V]
             full = gather_from_tensor_model_parallel_region(output_tensor)

@@ -184,6 +184,7 @@ def omni_to_hf(load: str, out: str, *, model_yaml: Optional[str] = None, dtype: 
                overwrite: bool = False) -> Dict[str, object]:
     """Omni checkpoint (any layout) -> HF folder (MegatronOmniForCausalLM, or LlamaForCausalLM with
     `language_model_only`)."""
+    from megatron_omni.convert.lora_merge import open_checkpoint_reader
     from megatron_omni.convert.omni_tokenizer import write_omni_tokenizer
     from megatron_omni.hf import HF_DIR, REMOTE_CODE_FILES
 
@@ -200,7 +201,7 @@ def omni_to_hf(load: str, out: str, *, model_yaml: Optional[str] = None, dtype: 
         template_dir = os.path.join(root, HF_SOURCE)
     problems = ProblemList(f"mcore-to-hf {path} (model config {config_path})")
     template = read_json(os.path.join(template_dir, "config.json"), "template config", problems) if template_dir else None
-    reader = mcore_io.CheckpointReader(path)
+    reader = open_checkpoint_reader(path)  # an alignment-tuning run: LoRA folded into its base weights
     plan = _plan(reader, model, omni, vocab, parse_dtype(dtype), language_model_only, problems)
     out_dtype = plan.entries[0][1]
     progress = _Progress("mcore-to-hf (omni)")
@@ -224,7 +225,11 @@ def omni_to_hf(load: str, out: str, *, model_yaml: Optional[str] = None, dtype: 
         check.close()
     notes = [f"dropped vocabulary padding rows {vocab.size}..{plan.llm.dims.padded_vocab - 1}"] \
         if plan.llm.dims.padded_vocab != vocab.size else []
-    skipped = len(reader.tensors) - len(reader.model_keys())
+    adapters = len(getattr(reader, "adapters", ()))
+    if adapters:
+        notes.append(f"merged the LoRA adapters of {adapters} (layer-stacked) weights into them "
+                     f"(alpha {reader.alpha or 'rank'})")
+    skipped = len(reader.tensors) - len(reader.model_keys()) - 2 * adapters
     if skipped:
         notes.append(f"skipped {skipped} optimizer-state tensors (weights are converted, not optimizer state)")
     return {"out": os.path.abspath(out), "tensors": progress.count, "bytes": progress.bytes,

@@ -44,6 +44,7 @@ from megatron_omni.training.ckpt_integrity import (
     write_manifest,
 )
 from megatron_omni.training.setup import TrainState
+from megatron_omni.training.vocab_padding import request_whole_vocab_tensors, take_own_rows
 
 log = logging.getLogger(__name__)
 
@@ -428,15 +429,22 @@ def _load_from(state: TrainState, path: str, *, finetune: bool, schedule: str) -
         parallel_state.get_data_parallel_group(with_context_parallel=True),
     )
     stored = dist_checkpointing.load_tensors_metadata(path)
+    chunks = [unwrap(chunk) for chunk in state.model]
+    model_keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     new_adapters = _drop_new_adapters(sd, stored) if finetune else set()
+    # weights only: the vocabulary may be padded for another TP size (e.g. omni-from-hf --tp 2, run at TP4)
+    repadded = request_whole_vocab_tensors(sd, stored, chunks, model_keys) if finetune else []
     _check_model_matches(sd, stored, path)
     try:
         loaded = dist_checkpointing.load(sd, path, sharded_strategy=strategy)
     except (EOFError, OSError, ValueError) as exc:  # truncated/missing shard of an unverified checkpoint
         raise CorruptCheckpoint(f"{path}: reading the checkpoint failed ({exc!r}); a shard file is missing "
                                 "or truncated") from exc
-    chunks = [unwrap(chunk) for chunk in state.model]
-    model_keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    take_own_rows(loaded, repadded)
+    if repadded:
+        log.info("%s: vocabulary padded for another TP size or make_vocab_size_divisible_by; %s read whole, "
+                 "this rank's rows taken", path,
+                 ", ".join(sorted({r.name for r in repadded})))
     for chunk, key in zip(chunks, model_keys):
         missing, unexpected = chunk.load_state_dict(loaded[key], strict=not new_adapters)
         left = [k for k in missing if k not in new_adapters and not k.endswith("_extra_state")]

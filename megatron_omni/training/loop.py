@@ -31,6 +31,7 @@ from megatron_omni.training.loss_spikes import (
 )
 from megatron_omni.training.metrics import MetricsWriter, progress_line, timers_line
 from megatron_omni.training.preemption import PreemptionHandler
+from megatron_omni.training.pretrained_config import check_converted_architecture
 from megatron_omni.training.setup import (
     ParamGroupHook,
     TrainState,
@@ -159,6 +160,7 @@ def pretrain(
         log.info("removed %s of an earlier run (this run trains steps %d..%d)", COMPLETE_MARKER, state.step + 1, t.steps)
     if not resumed and t.pretrained_checkpoint:
         # weights only: a new stage of the recipe starts from the previous one's last checkpoint
+        check_converted_architecture(cfg, t.pretrained_checkpoint)
         if load_checkpoint(state, t.pretrained_checkpoint, finetune=True) is None:
             raise ConfigError(f"train.pretrained_checkpoint={t.pretrained_checkpoint} holds no checkpoint; "
                               "run the previous stage first (or drop pretrained_checkpoint to start from scratch)")

@@ -38,15 +38,17 @@ def make_hf_qwen2vl(path: Path, seed: int = 1, **vision) -> Path:
     return path
 
 
-def make_hf_whisper(path: Path, seed: int = 2) -> Path:
-    """A WhisperModel (encoder 2 layers, width 32, 4 heads; a 1-layer decoder the import drops)."""
+def make_hf_whisper(path: Path, seed: int = 2, **overrides) -> Path:
+    """A WhisperModel (encoder 2 layers, width 32, 4 heads; a 1-layer decoder the import drops);
+    `overrides` change its WhisperConfig (max_source_positions=750 takes 15 s clips)."""
     from transformers import WhisperConfig, WhisperModel
 
     torch.manual_seed(seed)
-    cfg = WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
-                        decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64, num_mel_bins=80,
-                        max_source_positions=64, max_target_positions=32, vocab_size=100, pad_token_id=0,
-                        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    kw = dict(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, decoder_layers=1,
+              decoder_attention_heads=4, decoder_ffn_dim=64, num_mel_bins=80, max_source_positions=64,
+              max_target_positions=32, vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              decoder_start_token_id=1)
+    cfg = WhisperConfig(**{**kw, **overrides})
     model = WhisperModel(cfg).float()
     _perturb_norms(model)
     with torch.no_grad():  # q/v biases non-zero

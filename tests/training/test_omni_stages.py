@@ -101,3 +101,45 @@ def test_alignment_tuning_dpo_with_lora_from_a_checkpoint(demo, tmp_path):
     assert rows[1]["dpo_loss"] != pytest.approx(math.log(2), abs=1e-9)  # the adapters moved
     weights = rows[0]["modality_weights"]
     assert weights.pop("preference") == 1.0 and all(w == pytest.approx(0.3) for w in weights.values())
+    _lora_export_equals_megatron_with_adapters(at, tmp_path)
+
+
+def _lora_export_equals_megatron_with_adapters(at, tmp_path):
+    """mcore-to-hf of the AT run folds (alpha/r) B A into the base weights: the transformers folder's logits
+    on a mixed image + video + audio + text sample are megatron's with the adapters on (not off)."""
+    import torch
+    import transformers
+
+    from megatron_omni.config import ParallelConfig
+    from megatron_omni.config.loader import load_config
+    from megatron_omni.convert import mcore_to_hf
+    from megatron_omni.convert.mcore_io import megatron_world
+    from megatron_omni.models.lora import adapters_disabled
+    from megatron_omni.models.omni import build_omni_chunks
+    from megatron_omni.training.checkpoint import load_checkpoint
+    from megatron_omni.training.loop import apply_lora_from_config
+    from megatron_omni.training.setup import TrainState
+    from tests.convert.omni_export_helpers import hf_inputs, megatron_logits, mixed_sample
+
+    cfg = load_config(str(at / "config.yaml"))
+    sample = mixed_sample(cfg.model, cfg.omni)
+    with megatron_world():
+        chunks = build_omni_chunks(cfg.model, ParallelConfig(), cfg.omni, seq_length=sample["input_ids"].shape[1],
+                                   params_dtype=torch.float32)
+        apply_lora_from_config(chunks, cfg)
+        load_checkpoint(TrainState(model=chunks, optimizer=None, scheduler=None), str(at / "checkpoints"),
+                        finetune=True)
+        model = chunks[0].eval()
+        ref = megatron_logits(model, sample)
+        with adapters_disabled(chunks):
+            base = megatron_logits(model, sample)
+    report = mcore_to_hf(str(at / "checkpoints"), str(tmp_path / "hf"))
+    assert any("merged" in n and "LoRA" in n for n in report["notes"]), report["notes"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True,
+                                                            dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = hf(**hf_inputs(sample)).logits
+    delta, lora_effect = (got - ref).abs().max().item(), (ref - base).abs().max().item()
+    print(f"\nAT (LoRA) export vs megatron with adapters: max|d| {delta:.2e}; the adapters move the logits by "
+          f"{lora_effect:.2e}")
+    assert delta <= 1e-4 and lora_effect > 1e-3
