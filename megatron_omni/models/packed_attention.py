@@ -21,6 +21,7 @@ import contextlib
 import functools
 import logging
 import math
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
@@ -127,27 +128,35 @@ def dense_block_diagonal(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *,
 
 def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, backend: str = "torch",
                      max_seqlen: Optional[int] = None, causal: bool = True, scale: Optional[float] = None,
-                     dropout_p: float = 0.0, host_cu_seqlens: Optional[Tensor] = None) -> Tensor:
+                     dropout_p: float = 0.0, lengths: Optional[Sequence[int]] = None) -> Tensor:
     """Attention of packed q [T, H, D], k/v [T, G, D] inside each `cu_seqlens` segment -> [T, H, D].
 
-    `host_cu_seqlens`: the boundaries on the host, so the per-segment path reads its lengths without
-    a device sync; `max_seqlen` likewise for varlen."""
+    `lengths`: the segment lengths as host ints, so the per-segment path needs no device sync;
+    `max_seqlen` likewise for varlen (both are read from `cu_seqlens` when not given)."""
     if backend == "torch":  # varlen_attn has no dropout: the exact per-segment path then
         backend = "varlen" if varlen_usable(q.device) and not dropout_p else "sdpa"
     if dropout_p and backend != "sdpa":
         raise ValueError(f"attention dropout is only supported by the per-segment backend, not {backend!r}")
     if backend == "sdpa":
-        lengths = host_lengths(host_cu_seqlens if host_cu_seqlens is not None else cu_seqlens)
+        lengths = lengths if lengths is not None else host_lengths(cu_seqlens)
         return sdpa_per_segment(q, k, v, lengths, causal=causal, scale=scale, dropout_p=dropout_p)
     if backend == "varlen":
         if not varlen_usable(q.device):
             raise RuntimeError("backend 'varlen' needs CUDA tensors and torch.nn.attention.varlen (torch >= 2.9)")
         if max_seqlen is None:
-            max_seqlen = max(host_lengths(host_cu_seqlens if host_cu_seqlens is not None else cu_seqlens))
+            max_seqlen = max(lengths if lengths is not None else host_lengths(cu_seqlens))
         return varlen(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
     if backend == "dense":
         return dense_block_diagonal(q, k, v, cu_seqlens, causal=causal, scale=scale)
     raise ValueError(f"packed attention backend {backend!r} is not one of {list(BACKENDS)}")
+
+
+@dataclass
+class PackedSeqParamsWithLengths(PackedSeqParams):
+    """megatron's `PackedSeqParams` + the segment lengths as host ints, read once per microbatch
+    (the per-segment attention of every layer needs them on the host)."""
+
+    segment_lengths: Optional[List[int]] = None
 
 
 class PackedCoreAttention(MegatronModule):
@@ -155,9 +164,8 @@ class PackedCoreAttention(MegatronModule):
 
     Same constructor and forward as megatron's `DotProductAttention`; `forward` needs
     `packed_seq_params` with `qkv_format="thd"` and returns [T, np * hn].  `cu_seqlens_q` is what
-    varlen reads on the device; `cu_seqlens_q_padded`, when it is a host tensor, gives the
-    per-segment path its lengths sync-free (omni sets it: no padding between segments, so the
-    values are the same)."""
+    varlen reads on the device; the per-segment path takes its lengths from
+    `PackedSeqParamsWithLengths.segment_lengths` when given (no device sync), else reads them."""
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: Optional[float] = None,
@@ -186,8 +194,7 @@ class PackedCoreAttention(MegatronModule):
         if attention_bias is not None or attention_mask is not None:
             raise ValueError("PackedCoreAttention takes no attention mask or bias: segments come from cu_seqlens")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-        host = packed_seq_params.cu_seqlens_q_padded
-        host = host if host is not None and host.device.type == "cpu" else None
+        lengths = getattr(packed_seq_params, "segment_lengths", None)
         dropout_p = self.dropout_p if self.training else 0.0
         # megatron's DotProductAttention: dropout under the TP RNG tracker unless sequence parallel
         rng = (tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p and not self.config.sequence_parallel
@@ -195,5 +202,5 @@ class PackedCoreAttention(MegatronModule):
         with rng:
             out = packed_attention(query, key, value, packed_seq_params.cu_seqlens_q, backend="torch",
                                    max_seqlen=packed_seq_params.max_seqlen_q, causal=mask_type in _CAUSAL,
-                                   scale=self.softmax_scale, dropout_p=dropout_p, host_cu_seqlens=host)
+                                   scale=self.softmax_scale, dropout_p=dropout_p, lengths=lengths)
         return out.reshape(out.shape[0], self.hidden_size_per_partition)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from megatron_omni.data.omni_batch import OmniMicrobatch
 from megatron_omni.data.packing import packed_attention_mask
+from megatron_omni.models.packed_attention import PackedSeqParamsWithLengths, host_lengths
 
 EVERY_STAGE = ("position_ids", "cu_seqlens")
 FIRST_STAGE = ("tokens", "pixel_values", "pixel_values_videos", "audio_features")
@@ -40,16 +41,18 @@ def stage_fields(pre_process: bool, post_process: bool) -> Tuple[str, ...]:
 def thd_packed_seq_params(batch: OmniMicrobatch, cu_seqlens: Tensor, backend: str) -> PackedSeqParams:
     """megatron's THD parameters of the microbatch's packed stream (its B rows back to back).
 
-    `cu_seqlens` is the device copy (what the attention kernels read).  For the `torch` backend
-    `cu_seqlens_*_padded` are the host copy (no padding between segments: the same values):
-    megatron's THD rotary reads the boundaries on the host (`.tolist()`, `.item()`) and prefers the
-    padded ones, and the per-segment CPU attention takes its lengths from them -- no device sync.
-    TE reads the padded boundaries on the device, so they stay unset there."""
-    max_seqlen = batch.max_seqlen  # read from the host copy
-    host = batch.cu_seqlens if backend == "torch" else None
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                           cu_seqlens_q_padded=host, cu_seqlens_kv_padded=host,
-                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+    `cu_seqlens` is the device copy (what the attention kernels read); the segment lengths are read
+    once from the host copy (`PackedSeqParamsWithLengths`: the per-segment attention of every layer
+    uses them).  For the `torch` backend `cu_seqlens_*_padded` are the host copy (no padding
+    between segments: the same values): megatron's THD rotary reads the boundaries on the host
+    (`.tolist()`, `.item()` per segment, per layer) and prefers the padded ones -- host reads, no
+    device sync.  TE reads the padded boundaries on the device, so they stay unset there."""
+    host = batch.cu_seqlens
+    lengths = host_lengths(host)
+    padded = host if backend == "torch" else None
+    return PackedSeqParamsWithLengths(
+        qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, cu_seqlens_q_padded=padded,
+        cu_seqlens_kv_padded=padded, max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths), segment_lengths=lengths)
 
 
 def stage_inputs(batch: OmniMicrobatch, cache: Dict[str, object], model_chunk
