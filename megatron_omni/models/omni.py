@@ -25,7 +25,7 @@ side; the rotation is megatron's `MultimodalRotaryEmbedding` (`models/rope.py`).
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from megatron.core import tensor_parallel
@@ -35,10 +35,15 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
 from megatron_omni.config.schema import OMNI_MODULES, ModelConfig, OmniConfig, ParallelConfig
+from megatron_omni.data.packing import packed_attention_mask
 from megatron_omni.models.kernels import detect_kernels
 from megatron_omni.models.llama import gpt_model_kwargs
 from megatron_omni.models.omni_vocab import OmniVocab
-from megatron_omni.models.packed_attention import PackedCoreAttention, resolve_packed_attention
+from megatron_omni.models.packed_attention import (
+    PackedCoreAttention,
+    resolve_packed_attention,
+    thd_packed_seq_params,
+)
 from megatron_omni.models.rope import MRoPEEmbedding, configure_mrope_attention
 
 log = logging.getLogger(__name__)
@@ -179,6 +184,17 @@ class OmniModel(GPTModel):
         microbatch's rows as one stream of batch 1."""
         return (seq_length * micro_batch_size, 1) if self.packed_thd else (seq_length, micro_batch_size)
 
+    def packed_row_attention(self, cu_seqlens: Tensor, batch_size: int, seq_length: int
+                             ) -> Tuple[Optional[Tensor], Optional[PackedSeqParams]]:
+        """(attention_mask, packed_seq_params) for `forward` on [batch_size, seq_length] packed rows
+        with these segment boundaries (`OmniMicrobatch.cu_seqlens`, a host tensor): the THD
+        parameters, or the dense block-diagonal mask.  Training builds them per microbatch in
+        training/stage_inputs.py."""
+        if self.packed_thd:
+            device = torch.cuda.current_device()
+            return None, thd_packed_seq_params(cu_seqlens, cu_seqlens.to(device), self.packed_attention)
+        return packed_attention_mask(cu_seqlens, batch_size, seq_length), None
+
     def forward(self, input_ids: Optional[Tensor], position_ids: Tensor, attention_mask: Optional[Tensor],
                 labels: Optional[Tensor] = None, packed_seq_params: Optional[PackedSeqParams] = None,
                 **media: Optional[Tensor]) -> Tensor:
@@ -187,6 +203,9 @@ class OmniModel(GPTModel):
         With `packed_seq_params` (THD) the [B, S] rows run as one [1, B*S] stream and the per-token
         loss comes back as [B, S]; `attention_mask` is then None."""
         B, S = position_ids.shape[1:]
+        if self.packed_thd and packed_seq_params is None:
+            raise ValueError(f"this model runs packed rows as THD (model.packed_attention={self.packed_attention}): "
+                             "pass packed_seq_params (OmniModel.packed_row_attention gives them), not a dense mask")
         if packed_seq_params is not None:
             input_ids = input_ids.reshape(1, B * S) if input_ids is not None else None
             position_ids = position_ids.reshape(3, 1, B * S)

@@ -159,6 +159,24 @@ class PackedSeqParamsWithLengths(PackedSeqParams):
     segment_lengths: Optional[List[int]] = None
 
 
+def thd_packed_seq_params(cu_seqlens_host: Tensor, cu_seqlens: Optional[Tensor] = None,
+                          backend: str = "torch") -> PackedSeqParamsWithLengths:
+    """megatron's THD parameters of a packed stream (an omni microbatch's B rows back to back).
+
+    `cu_seqlens` is the device copy (what the attention kernels read; default: the host one); the
+    segment lengths are read once from the host copy (every layer's per-segment attention uses
+    them).  For the `torch` backend `cu_seqlens_*_padded` are the host copy (no padding between
+    segments: the same values): megatron's THD rotary reads the boundaries on the host
+    (`.tolist()`, `.item()` per segment, per layer) and prefers the padded ones -- host reads, no
+    device sync.  TE reads the padded boundaries on the device, so they stay unset there."""
+    lengths = host_lengths(cu_seqlens_host)
+    cu = cu_seqlens if cu_seqlens is not None else cu_seqlens_host
+    padded = cu_seqlens_host if backend == "torch" else None
+    return PackedSeqParamsWithLengths(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded,
+        max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths), segment_lengths=lengths)
+
+
 class PackedCoreAttention(MegatronModule):
     """megatron's `core_attention` for THD inputs, torch-native (no Transformer Engine).
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from megatron_omni.data.omni_batch import OmniMicrobatch
 from megatron_omni.data.packing import packed_attention_mask
-from megatron_omni.models.packed_attention import PackedSeqParamsWithLengths, host_lengths
+from megatron_omni.models.packed_attention import thd_packed_seq_params
 
 EVERY_STAGE = ("position_ids", "cu_seqlens")
 FIRST_STAGE = ("tokens", "pixel_values", "pixel_values_videos", "audio_features")
@@ -36,23 +36,6 @@ PACKED = "packed_seq_params"
 
 def stage_fields(pre_process: bool, post_process: bool) -> Tuple[str, ...]:
     return EVERY_STAGE + (FIRST_STAGE if pre_process else ()) + (LAST_STAGE if post_process else ())
-
-
-def thd_packed_seq_params(batch: OmniMicrobatch, cu_seqlens: Tensor, backend: str) -> PackedSeqParams:
-    """megatron's THD parameters of the microbatch's packed stream (its B rows back to back).
-
-    `cu_seqlens` is the device copy (what the attention kernels read); the segment lengths are read
-    once from the host copy (`PackedSeqParamsWithLengths`: the per-segment attention of every layer
-    uses them).  For the `torch` backend `cu_seqlens_*_padded` are the host copy (no padding
-    between segments: the same values): megatron's THD rotary reads the boundaries on the host
-    (`.tolist()`, `.item()` per segment, per layer) and prefers the padded ones -- host reads, no
-    device sync.  TE reads the padded boundaries on the device, so they stay unset there."""
-    host = batch.cu_seqlens
-    lengths = host_lengths(host)
-    padded = host if backend == "torch" else None
-    return PackedSeqParamsWithLengths(
-        qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, cu_seqlens_q_padded=padded,
-        cu_seqlens_kv_padded=padded, max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths), segment_lengths=lengths)
 
 
 def stage_inputs(batch: OmniMicrobatch, cache: Dict[str, object], model_chunk
@@ -70,7 +53,7 @@ def stage_inputs(batch: OmniMicrobatch, cache: Dict[str, object], model_chunk
     mask = packed = None
     if model_chunk.packed_thd:
         if PACKED not in cache:
-            cache[PACKED] = thd_packed_seq_params(batch, cache["cu_seqlens"], model_chunk.packed_attention)
+            cache[PACKED] = thd_packed_seq_params(batch.cu_seqlens, cache["cu_seqlens"], model_chunk.packed_attention)
         packed = cache[PACKED]
     else:
         if MASK not in cache:
