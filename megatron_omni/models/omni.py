@@ -31,7 +31,6 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
 from megatron_omni.config.schema import OMNI_MODULES, ModelConfig, OmniConfig, ParallelConfig
@@ -39,11 +38,7 @@ from megatron_omni.data.packing import packed_attention_mask
 from megatron_omni.models.kernels import detect_kernels
 from megatron_omni.models.llama import gpt_model_kwargs
 from megatron_omni.models.omni_vocab import OmniVocab
-from megatron_omni.models.packed_attention import (
-    PackedCoreAttention,
-    resolve_packed_attention,
-    thd_packed_seq_params,
-)
+from megatron_omni.models.packed_attention import resolve_packed_attention, thd_packed_seq_params, use_packed_attention
 from megatron_omni.models.rope import MRoPEEmbedding, configure_mrope_attention
 
 log = logging.getLogger(__name__)
@@ -76,15 +71,8 @@ class OmniModel(GPTModel):
     """GPTModel + first-stage encoders.  `forward` takes the `OmniMicrobatch` fields."""
 
     def __init__(self, *, omni: OmniConfig, vocab: OmniVocab, packed_attention: str = "dense", **gpt_kwargs):
-        spec = gpt_kwargs["transformer_layer_spec"]
-        self_attention = spec.submodules.self_attention
-        if packed_attention == "dense":
-            # Packed rows need an arbitrary (block-diagonal causal) mask instead of plain causal.
-            self_attention.params = {**self_attention.params, "attn_mask_type": AttnMaskType.arbitrary}
-        else:  # THD: causal inside every cu_seqlens segment
-            self_attention.params = {**self_attention.params, "attn_mask_type": AttnMaskType.padding_causal}
-            if packed_attention == "torch":
-                self_attention.submodules.core_attention = PackedCoreAttention
+        # Packed rows attend inside their samples: a block-diagonal mask (dense) or THD segments.
+        use_packed_attention(gpt_kwargs["transformer_layer_spec"], packed_attention)
         configure_mrope_attention(gpt_kwargs["config"], omni.mrope_section)  # before the layers see it
         super().__init__(**gpt_kwargs)
         self.packed_attention = packed_attention  # te | torch | dense (resolve_packed_attention)

@@ -151,6 +151,17 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, bac
     raise ValueError(f"packed attention backend {backend!r} is not one of {list(BACKENDS)}")
 
 
+def use_packed_attention(layer_spec, backend: str) -> None:
+    """Point a megatron GPT layer spec's self-attention at the packed path `backend`
+    (`resolve_packed_attention`): `dense` = arbitrary (block-diagonal) mask, THD = padding_causal
+    with TE's core attention (`te`, already in the TE spec) or `PackedCoreAttention` (`torch`)."""
+    self_attention = layer_spec.submodules.self_attention
+    mask_type = AttnMaskType.arbitrary if backend == "dense" else AttnMaskType.padding_causal
+    self_attention.params = {**self_attention.params, "attn_mask_type": mask_type}
+    if backend == "torch":
+        self_attention.submodules.core_attention = PackedCoreAttention
+
+
 @dataclass
 class PackedSeqParamsWithLengths(PackedSeqParams):
     """megatron's `PackedSeqParams` + the segment lengths as host ints, read once per microbatch
