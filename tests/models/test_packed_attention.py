@@ -128,8 +128,14 @@ def test_core_attention_in_megatron_attention_equals_dense_mask(world):
     packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(LENGTHS),
                              max_seqlen_kv=max(LENGTHS))
     xd, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_d, _ = dense(xd, attention_mask=packed_attention_mask(cu, 1, t), rotary_pos_emb=freqs)
-    out_t, _ = thd(xt, attention_mask=None, rotary_pos_emb=freqs, packed_seq_params=packed)
+    saved_dense, saved_thd = [], []  # shapes of what autograd keeps for backward
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved_dense.append(tuple(s.shape)) or s, lambda s: s):
+        out_d, _ = dense(xd, attention_mask=packed_attention_mask(cu, 1, t), rotary_pos_emb=freqs)
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved_thd.append(tuple(s.shape)) or s, lambda s: s):
+        out_t, _ = thd(xt, attention_mask=None, rotary_pos_emb=freqs, packed_seq_params=packed)
+    # no T x T tensor is kept on the THD path; the dense path keeps its scores
+    assert any(shape[-2:] == (t, t) for shape in saved_dense)
+    assert not any(shape.count(t) > 1 for shape in saved_thd), saved_thd
     assert out_t.shape == out_d.shape == (t, 1, 64)
     torch.testing.assert_close(out_t, out_d, rtol=1e-5, atol=1e-5)
     out_d.square().sum().backward()
