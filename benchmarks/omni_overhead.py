@@ -92,7 +92,6 @@ def main() -> None:
     from megatron_omni.config.schema import ModelConfig, OmniConfig
     from megatron_omni.convert.mcore_io import megatron_world
     from megatron_omni.data.mock_omni import MockOmniData
-    from megatron_omni.data.packing import packed_attention_mask
     from megatron_omni.models.llama import gpt_model_kwargs
     from megatron_omni.models.omni import build_omni_chunks, init_omni_weights_layout_invariant
 
@@ -124,14 +123,16 @@ def main() -> None:
 
         def step_omni():
             model.zero_grad(set_to_none=True)
-            model(tokens, pos.expand(3, B, S), packed_attention_mask(cu, B, S), labels=labels).mean().backward()
+            mask, packed = model.packed_row_attention(cu, B, S)
+            model(tokens, pos.expand(3, B, S), mask, packed_seq_params=packed, labels=labels).mean().backward()
 
         data = MockOmniData(omni, model.vocab, seq_length=S, micro_batch_size=B, seed=0)
         image = data.next_microbatch("image")
 
         def step_image():
             model.zero_grad(set_to_none=True)
-            model(image.tokens, image.position_ids, packed_attention_mask(image.cu_seqlens, B, S), labels=image.labels,
+            mask, packed = model.packed_row_attention(image.cu_seqlens, B, S)
+            model(image.tokens, image.position_ids, mask, packed_seq_params=packed, labels=image.labels,
                   pixel_values=image.pixel_values, image_grid_thw=image.image_grid_thw).mean().backward()
 
         # interleave the measurements so machine load drifts hit both alike

@@ -45,6 +45,10 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     # Which kernels build the layers: "auto" = Transformer Engine when importable, else local.
     transformer_impl: str = "auto"  # auto | transformer_engine | local
+    # How packed omni rows attend within their samples (models/packed_attention.py): "te" = TE fused
+    # attention on THD (cu_seqlens), "torch" = torch varlen_attn on CUDA / per-segment SDPA on CPU on
+    # THD, "dense" = block-diagonal [S, S] mask (the reference), "auto" = te when TE imports, else torch.
+    packed_attention: str = "auto"  # auto | te | torch | dense
     # FP8 (Transformer Engine only): None | "hybrid" (E4M3 fwd, E5M2 bwd) | "e4m3".
     fp8: Optional[str] = None
     fp8_recipe: str = "delayed"  # delayed | tensorwise (current scaling) | mxfp8 | blockwise

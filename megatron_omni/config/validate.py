@@ -5,9 +5,11 @@ from __future__ import annotations
 from megatron_omni.config.loader import ConfigError
 from megatron_omni.config.schema import RunConfig
 from megatron_omni.models.kernels import detect_kernels
+from megatron_omni.models.packed_attention import PACKED_ATTENTION_CHOICES
 
 _CHOICES = {
     "model.transformer_impl": ("auto", "transformer_engine", "local"),
+    "model.packed_attention": PACKED_ATTENTION_CHOICES,
     "model.fp8": (None, "hybrid", "e4m3"),
     "model.fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
     "model.recompute_granularity": (None, "full", "selective"),
@@ -115,6 +117,10 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             f"parallel.cp={p.cp} needs Transformer Engine attention (megatron's local attention has no "
             "context parallelism); run with TE on GPU or set parallel.cp=1"
         )
+    if m.packed_attention == "te" and not detect_kernels(m.transformer_impl).transformer_engine:
+        raise ConfigError("model.packed_attention=te needs Transformer Engine layers (CUDA, "
+                          "transformer-engine[pytorch], model.transformer_impl auto or transformer_engine); "
+                          "use model.packed_attention=auto or torch")
     _validate_moe(cfg)
     if cfg.omni is not None:
         if cfg.parallel.cp > 1:

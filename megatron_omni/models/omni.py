@@ -10,25 +10,35 @@ connector outputs replace the placeholder tokens of the token stream:
 
 Later stages receive hidden states only.  Positions are M-RoPE (t, h, w) ids computed on the data
 side; the rotation is megatron's `MultimodalRotaryEmbedding` (`models/rope.py`).  Packed rows
-(several samples per row, `OmniMicrobatch.cu_seqlens`) attend within their sample only: the
-block-diagonal causal mask is built by `data.packing.packed_attention_mask` and the attention runs with
-`AttnMaskType.arbitrary`, which megatron's local attention and Transformer Engine both honour.
+(several samples per row, `OmniMicrobatch.cu_seqlens`) attend within their sample only, by the path
+`model.packed_attention` selects (`models/packed_attention.py`):
+
+* THD (`te`, `torch`): the microbatch's B rows run as one packed stream of T = B*S tokens (batch 1:
+  tokens [1, T], positions [3, 1, T], hidden states [T, 1, H] between pipeline stages) with
+  `PackedSeqParams(qkv_format="thd")` and `AttnMaskType.padding_causal`; megatron's THD rotary
+  applies the per-token M-RoPE freqs (freqs.size(0) == cu_seqlens[-1]: mapped by token offset);
+  the core attention is TE's or `PackedCoreAttention`.  No S x S tensor exists.
+* `dense` (the reference): [B, S] rows with the block-diagonal causal mask of
+  `data.packing.packed_attention_mask` and `AttnMaskType.arbitrary`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
 from megatron_omni.config.schema import OMNI_MODULES, ModelConfig, OmniConfig, ParallelConfig
+from megatron_omni.data.packing import packed_attention_mask
+from megatron_omni.models.kernels import detect_kernels
 from megatron_omni.models.llama import gpt_model_kwargs
 from megatron_omni.models.omni_vocab import OmniVocab
+from megatron_omni.models.packed_attention import resolve_packed_attention, thd_packed_seq_params, use_packed_attention
 from megatron_omni.models.rope import MRoPEEmbedding, configure_mrope_attention
 
 log = logging.getLogger(__name__)
@@ -60,13 +70,12 @@ def omni_vocab(model: ModelConfig, omni: OmniConfig) -> OmniVocab:
 class OmniModel(GPTModel):
     """GPTModel + first-stage encoders.  `forward` takes the `OmniMicrobatch` fields."""
 
-    def __init__(self, *, omni: OmniConfig, vocab: OmniVocab, **gpt_kwargs):
-        spec = gpt_kwargs["transformer_layer_spec"]
-        # Packed rows need an arbitrary (block-diagonal causal) mask instead of plain causal.
-        spec.submodules.self_attention.params = {
-            **spec.submodules.self_attention.params, "attn_mask_type": AttnMaskType.arbitrary}
+    def __init__(self, *, omni: OmniConfig, vocab: OmniVocab, packed_attention: str = "dense", **gpt_kwargs):
+        # Packed rows attend inside their samples: a block-diagonal mask (dense) or THD segments.
+        use_packed_attention(gpt_kwargs["transformer_layer_spec"], packed_attention)
         configure_mrope_attention(gpt_kwargs["config"], omni.mrope_section)  # before the layers see it
         super().__init__(**gpt_kwargs)
+        self.packed_attention = packed_attention  # te | torch | dense (resolve_packed_attention)
         config = self.config
         head_dim = config.kv_channels
         if sum(omni.mrope_section) * 2 != head_dim:
@@ -153,12 +162,48 @@ class OmniModel(GPTModel):
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
         return emb
 
-    def forward(self, input_ids: Optional[Tensor], position_ids: Tensor, attention_mask: Tensor,
-                labels: Optional[Tensor] = None, **media: Optional[Tensor]) -> Tensor:
+    @property
+    def packed_thd(self) -> bool:
+        """Packed rows run as THD (one stream of B*S tokens), not with a dense mask."""
+        return self.packed_attention != "dense"
+
+    def pipeline_tensor_shape(self, seq_length: int, micro_batch_size: int):
+        """(sequence, batch) of the hidden states sent between pipeline stages: THD runs the
+        microbatch's rows as one stream of batch 1."""
+        return (seq_length * micro_batch_size, 1) if self.packed_thd else (seq_length, micro_batch_size)
+
+    def packed_row_attention(self, cu_seqlens: Tensor, batch_size: int, seq_length: int
+                             ) -> Tuple[Optional[Tensor], Optional[PackedSeqParams]]:
+        """(attention_mask, packed_seq_params) for `forward` on [batch_size, seq_length] packed rows
+        with these segment boundaries (`OmniMicrobatch.cu_seqlens`, a host tensor): the THD
+        parameters, or the dense block-diagonal mask.  Training builds them per microbatch in
+        training/stage_inputs.py."""
+        if self.packed_thd:
+            device = torch.cuda.current_device()
+            return None, thd_packed_seq_params(cu_seqlens, cu_seqlens.to(device), self.packed_attention)
+        return packed_attention_mask(cu_seqlens, batch_size, seq_length), None
+
+    def forward(self, input_ids: Optional[Tensor], position_ids: Tensor, attention_mask: Optional[Tensor],
+                labels: Optional[Tensor] = None, packed_seq_params: Optional[PackedSeqParams] = None,
+                **media: Optional[Tensor]) -> Tensor:
         """GPTModel.forward with `media` = the OmniMicrobatch media fields (`embed_multimodal`'s
-        keywords), used by the first stage; later stages get hidden states from the pipeline."""
+        keywords), used by the first stage; later stages get hidden states from the pipeline.
+        With `packed_seq_params` (THD) the [B, S] rows run as one [1, B*S] stream and the per-token
+        loss comes back as [B, S]; `attention_mask` is then None."""
+        B, S = position_ids.shape[1:]
+        if self.packed_thd and packed_seq_params is None:
+            raise ValueError(f"this model runs packed rows as THD (model.packed_attention={self.packed_attention}): "
+                             "pass packed_seq_params (OmniModel.packed_row_attention gives them), not a dense mask")
+        if packed_seq_params is not None:
+            input_ids = input_ids.reshape(1, B * S) if input_ids is not None else None
+            position_ids = position_ids.reshape(3, 1, B * S)
+            labels = labels.reshape(1, B * S) if labels is not None else None
         decoder_input = self.embed_multimodal(input_ids, **media) if self.pre_process else None
-        return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels)
+        out = super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
+                              packed_seq_params=packed_seq_params)
+        if packed_seq_params is not None and self.post_process:  # loss [1, T] / logits [1, T, V]
+            out = out.reshape(B, S, *out.shape[2:])
+        return out
 
 
 def build_omni_chunks(
@@ -172,10 +217,12 @@ def build_omni_chunks(
             raise ValueError(f"omni.{name}.out_hidden_size={enc.out_hidden_size} must equal "
                              f"model.hidden_size={model.hidden_size} (the connector projects to the LLM width)")
     vocab = omni_vocab(model, omni)
+    packed = resolve_packed_attention(model.packed_attention, detect_kernels(model.transformer_impl).transformer_engine)
     kwargs = gpt_model_kwargs(model, parallel, seq_length=seq_length, params_dtype=params_dtype,
                               vocab_size=vocab.size)
     # The omni model scatters to sequence-parallel regions itself, after the placeholders are filled.
-    return [OmniModel(omni=omni, vocab=vocab, scatter_embedding_sequence_parallel=False, **kw) for kw in kwargs]
+    return [OmniModel(omni=omni, vocab=vocab, packed_attention=packed, scatter_embedding_sequence_parallel=False, **kw)
+            for kw in kwargs]
 
 
 def apply_freeze(chunks: Sequence[torch.nn.Module], freeze: Sequence[str]) -> Dict[str, int]:

@@ -13,7 +13,8 @@ Activations follow the per-layer accounting of Korthikanti et al., "Reducing
 Activation Recomputation in Large Transformer Models" (2022): a GPT layer stores
 ``s*b*h*(34 + 5*a*s/h)`` bytes; tensor + sequence parallelism divide all of it by t;
 selective recomputation (of core attention) removes the ``5*a*s^2*b`` term, and
-flash attention never materialises it in the first place.  The 34 is for GPT (4h GeLU
+flash attention never materialises it in the first place (packed omni rows: the THD paths of
+`model.packed_attention`; its `dense` block-diagonal mask path stores the s^2 scores again).  The 34 is for GPT (4h GeLU
 MLP, LayerNorm, dropout); the same bookkeeping for a Llama layer (RMSNorm, GQA, SwiGLU
 with ffn_hidden_size f, no dropout, flash attention), in bytes per token:
 
@@ -147,6 +148,14 @@ def model_state_bytes_per_param(dp_shards: int, a: MemoryAssumptions) -> Dict[st
     return {"weights": 2.0, "grads": grad, "optimizer": opt}
 
 
+def stores_attention_scores(job: Job, a: MemoryAssumptions) -> bool:
+    """Core attention keeps its s x s scores for backward: without flash attention, or for packed
+    omni rows on the dense block-diagonal mask path (`model.packed_attention=dense`: TE runs an
+    arbitrary mask unfused, megatron's local attention always materialises the scores).  The THD
+    paths (`te`, `torch`, `auto`) run flash / varlen kernels on cu_seqlens and store none."""
+    return not a.flash_attention or (job.omni is not None and job.model.packed_attention == "dense")
+
+
 def layer_activation_bytes_per_token(model: ModelConfig, job: Job, layout: Layout, a: MemoryAssumptions) -> float:
     """Bytes one decoder layer keeps per (local) token for its backward, before TP/SP division."""
     h, d = model.hidden_size, model.head_dim
@@ -157,7 +166,7 @@ def layer_activation_bytes_per_token(model: ModelConfig, job: Job, layout: Layou
     mlp = 2 * h + gemm_in * h + 2 * 2 * f + gemm_in * f
     dropout_masks = 2 * h if model.hidden_dropout > 0 else 0  # 1-byte masks after attention and MLP
     core = 0.0
-    if not a.flash_attention and layout.recompute == "none":
+    if stores_attention_scores(job, a) and layout.recompute == "none":
         # softmax output (2 bytes), + dropout mask and output (3 bytes) with attention dropout:
         # the paper's 5*a*s^2*b, per token: heads * s_kv * bytes
         per_score = 2 + (3 if model.attention_dropout > 0 else 0)

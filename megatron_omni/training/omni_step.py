@@ -105,13 +105,13 @@ def omni_loss(batch: OmniMicrobatch, vocab: OmniVocab, loss_scale: float, output
 
 def omni_forward_step(data_iterator: Iterator[PlannedMicrobatch], model: torch.nn.Module):
     """megatron forward_step_func.  Every pipeline stage reads the microbatch: all need the M-RoPE
-    positions and the packing mask; only the first stage uses tokens and media, the last labels
+    positions and the packing (mask or THD parameters); only the first stage uses tokens and media, the last labels
     (`stage_inputs` moves just those, once per microbatch)."""
     planned = next(data_iterator)
     inner = unwrap(model)
     if inner.pre_process:  # python ints counted on the host copy; a no-op when the data side did it
         planned.batch.count_placeholders(inner.vocab.placeholder_ids)
-    batch, mask = stage_inputs(planned.batch, planned.device_cache, inner)
+    batch, mask, packed_seq_params = stage_inputs(planned.batch, planned.device_cache, inner)
     media = {}
     if inner.pre_process:
         media = dict(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
@@ -123,7 +123,8 @@ def omni_forward_step(data_iterator: Iterator[PlannedMicrobatch], model: torch.n
 
         set_current_modality(inner, batch.modality)
     output = model(batch.tokens if inner.pre_process else None, batch.position_ids, mask,
-                   labels=batch.labels if inner.post_process else None, **media)
+                   labels=batch.labels if inner.post_process else None, packed_seq_params=packed_seq_params,
+                   **media)
     if batch.modality == PREFERENCE:
         return output, partial(preference_loss, dataclasses.replace(planned, batch=batch))
     return output, partial(omni_loss, batch, inner.vocab, planned.loss_scale)

@@ -81,7 +81,13 @@ def run_schedule(
     forward_only: bool,
     forward_step_func=gpt_forward_step,
 ) -> List[Dict[str, torch.Tensor]]:
-    """megatron's forward-backward schedule for this PP/VPP layout (lists only with VPP)."""
+    """megatron's forward-backward schedule for this PP/VPP layout (lists only with VPP).
+    `seq_length` x `micro_batch_size` is the microbatch; a model whose stages exchange another
+    [sequence, batch] layout (the omni THD path: one stream of batch 1) says so by
+    `pipeline_tensor_shape`, which sizes the p2p buffers."""
+    shape = getattr(unwrap(model[0]), "pipeline_tensor_shape", None)
+    if shape is not None:
+        seq_length, micro_batch_size = shape(seq_length, micro_batch_size)
     return get_forward_backward_func()(
         forward_step_func=forward_step_func,
         data_iterator=data_iterators if len(model) > 1 else data_iterators[0],

@@ -98,13 +98,11 @@ def megatron_model(ckpt: Path, seq_length: int):
 
 def megatron_logits(model, sample) -> torch.Tensor:
     """[1, S, vocab] logits of the mixed sample (causal mask over the one sample)."""
-    from megatron_omni.data.packing import packed_attention_mask
-
     ids = sample["input_ids"]
-    S = ids.shape[1]
-    mask = packed_attention_mask(torch.tensor([0, S], dtype=torch.int32), 1, S)
+    B, S = ids.shape
+    mask, packed = model.packed_row_attention(torch.arange(B + 1, dtype=torch.int32) * S, B, S)  # a sample a row
     with torch.no_grad():
-        out = model(ids, sample["position_ids"], mask, pixel_values=sample["pixel_values"],
+        out = model(ids, sample["position_ids"], mask, packed_seq_params=packed, pixel_values=sample["pixel_values"],
                     image_grid_thw=sample["image_grid_thw"], pixel_values_videos=sample["pixel_values_videos"],
                     video_grid_thw=sample["video_grid_thw"], audio_features=sample["audio_features"],
                     audio_lengths=sample["audio_lengths"])

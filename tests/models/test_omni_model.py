@@ -11,7 +11,6 @@ from megatron_omni.config.loader import load_section_file
 from megatron_omni.config.schema import ModelConfig, OmniConfig
 from megatron_omni.data.mock_omni import MockOmniData
 from megatron_omni.data.omni_batch import OmniMicrobatch
-from megatron_omni.data.packing import packed_attention_mask
 from megatron_omni.models.omni import (
     apply_freeze,
     build_omni_chunks,
@@ -40,7 +39,8 @@ def world():
 
 def _forward(model, batch: OmniMicrobatch) -> torch.Tensor:
     B, S = batch.tokens.shape
-    return model(batch.tokens, batch.position_ids, packed_attention_mask(batch.cu_seqlens, B, S), labels=batch.labels,
+    mask, packed = model.packed_row_attention(batch.cu_seqlens, B, S)  # THD (auto -> torch here) or dense mask
+    return model(batch.tokens, batch.position_ids, mask, packed_seq_params=packed, labels=batch.labels,
                  pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
                  pixel_values_videos=batch.pixel_values_videos, video_grid_thw=batch.video_grid_thw,
                  audio_features=batch.audio_features, audio_lengths=batch.audio_lengths)
@@ -120,8 +120,8 @@ def test_mrope_on_text_equals_bare_llama_rope(world):
     pos = torch.arange(SEQ).expand(2, SEQ)
     with torch.no_grad():
         ref = bare(tokens, pos, None, labels=labels)
-        got = model(tokens, pos.expand(3, 2, SEQ), packed_attention_mask(torch.tensor([0, SEQ, 2 * SEQ]), 2, SEQ),
-                    labels=labels)
+        mask, packed = model.packed_row_attention(torch.tensor([0, SEQ, 2 * SEQ], dtype=torch.int32), 2, SEQ)
+        got = model(tokens, pos.expand(3, 2, SEQ), mask, packed_seq_params=packed, labels=labels)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 

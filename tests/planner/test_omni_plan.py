@@ -166,3 +166,19 @@ def test_media_measured_on_the_stage_data(tmp_path):
     omni = json.loads(out.stdout)["omni"]
     assert omni["media_source"].startswith("measured") and omni["media_fraction"]["audio"] == 0.3  # the flag wins
     assert 0.0 < omni["media_fraction"]["image"] < 1.0
+
+
+def test_memory_prices_the_packed_attention_path_the_config_selects():
+    """`model.packed_attention=dense` keeps heads x s^2 scores per layer (2 bytes each, no dropout);
+    the THD paths (te / torch / auto) keep none -- the only difference between the plans."""
+    from megatron_omni.planner.memory import MemoryAssumptions, estimate_memory, layer_activation_bytes_per_token
+
+    layout = Layout(tp=8, pp=2, vpp=None, micro_batch=1, first_stage_layers=36)
+    per_token, total = {}, {}
+    for backend in ("dense", "torch", "te", "auto"):
+        job = load_job("configs/m2omni_72b/stages/pt3.yaml", [f"model.packed_attention={backend}"])
+        per_token[backend] = layer_activation_bytes_per_token(job.model, job, layout, MemoryAssumptions())
+        total[backend] = estimate_memory(job, layout, 128).activations_gib
+    assert per_token["torch"] == per_token["te"] == per_token["auto"]
+    assert per_token["dense"] - per_token["torch"] == job.model.num_attention_heads * job.seq_len * 2
+    assert total["dense"] > total["torch"]

@@ -37,12 +37,21 @@ def test_counter_counts_reads_by_call_site_and_nothing_outside():
 
 
 def test_tiny_omni_moe_step_syncs_at_most_measured(tmp_path):
+    """Runs the default packed attention (`torch` on the CPU: the THD path).  megatron's THD rotary
+    reads the segment boundaries per layer (`.tolist()`, `.item()` per segment); it is given the
+    host copy (training/stage_inputs.py: `cu_seqlens_*_padded`), so on a GPU these are no syncs,
+    but the CPU count sees every read: they are counted apart (624 at this size).  The rest: 500
+    with the dense mask, 476 with THD (+8 segment-length reads, one per microbatch; -32 RNG-tracker
+    forks of megatron's DotProductAttention)."""
     out = tmp_path / "syncs.json"
     torchrun(1, ["tools/count_host_syncs.py", "--config", "configs/tiny/omni_mock.yaml", "--steps", "1",
                  "--json", str(out), "data.seq_length=64", f"train.output_dir={tmp_path / 'run'}", MOE])
     rank = json.loads(out.read_text())["ranks"][0]
-    assert 0 < rank["step"]["total"] <= AFTER_BOUND, rank["step"]["sites"]
-    assert not [s for s in rank["step"]["sites"] if any(r in s for r in REMOVED)], rank["step"]["sites"]
+    sites = rank["step"]["sites"]
+    rope = {s: n for s, n in sites.items() if s.startswith("megatron/core/models/common/embeddings/rope_utils.py")}
+    assert rope and all("_apply_rotary_pos_emb_thd" in s for s in rope), rope
+    assert 0 < rank["step"]["total"] - sum(rope.values()) <= AFTER_BOUND, sites
+    assert not [s for s in sites if any(r in s for r in REMOVED)], sites
     assert rank["moe_stats_recorded"] == [False]  # not a logging step
 
 

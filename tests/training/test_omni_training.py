@@ -22,29 +22,36 @@ def _grads(nproc, path, overrides):
     return torch.load(path)
 
 
-def test_tp2_pp2_matches_single_rank(tmp_path):
-    common = [f"train.output_dir={tmp_path}"]
-    ref = _grads(1, tmp_path / "ref.pt", common)
-    # encoders + embedding + 1 decoder layer on stage 0, 3 layers on stage 1; the parallel run
-    # recomputes the encoders' layers (what the 72B plan launches), which must not change the math
-    got = _grads(4, tmp_path / "par.pt", common + ["parallel.tp=2", "parallel.pp=2",
-                                                   "parallel.first_stage_num_layers=1",
-                                                   "omni.vision.recompute=true", "omni.audio.recompute=true"])
-    assert set(ref["losses"]) == {"text", "image", "video", "audio", "audio_gen"}
+def _assert_equal_step(got, ref):
     assert got["loss"] == pytest.approx(ref["loss"], rel=REL_TOL)
     for m, loss in ref["losses"].items():
         assert got["losses"][m] == pytest.approx(loss, rel=REL_TOL), m
     assert got["audio_gen_loss"] == pytest.approx(ref["audio_gen_loss"], rel=REL_TOL)
     assert set(got["grads"]) == set(ref["grads"])
-    for prefix in ("vision.patch_embed", "vision.decoder", "vision.merger", "audio.decoder", "audio.connector",
-                   "embedding", "decoder.layers.3", "output_layer"):
-        names = [n for n in ref["grads"] if n.startswith(prefix)]
-        assert names and any(ref["grads"][n].abs().max() > 0 for n in names), prefix
     for name, g_ref in ref["grads"].items():
         g = got["grads"][name]
         assert g.shape == g_ref.shape, name
         scale = max(g_ref.abs().max().item(), 1e-12)
         assert (g - g_ref).abs().max().item() <= REL_TOL * scale, name
+
+
+def test_tp2_pp2_matches_single_rank(tmp_path):
+    """The reference is the single-rank dense block-diagonal mask; TP2 x PP2 runs it with the same
+    dense mask and with the THD path (`torch`: per-segment SDPA, no S x S tensor) + sequence parallel."""
+    common = [f"train.output_dir={tmp_path}"]
+    ref = _grads(1, tmp_path / "ref.pt", common + ["model.packed_attention=dense"])
+    # encoders + embedding + 1 decoder layer on stage 0, 3 layers on stage 1; the parallel run
+    # recomputes the encoders' layers (what the 72B plan launches), which must not change the math
+    layout = ["parallel.tp=2", "parallel.pp=2", "parallel.first_stage_num_layers=1",
+              "omni.vision.recompute=true", "omni.audio.recompute=true"]
+    assert set(ref["losses"]) == {"text", "image", "video", "audio", "audio_gen"}
+    for prefix in ("vision.patch_embed", "vision.decoder", "vision.merger", "audio.decoder", "audio.connector",
+                   "embedding", "decoder.layers.3", "output_layer"):
+        names = [n for n in ref["grads"] if n.startswith(prefix)]
+        assert names and any(ref["grads"][n].abs().max() > 0 for n in names), prefix
+    for backend, extra in (("dense", []), ("torch", ["parallel.sequence_parallel=true"])):
+        got = _grads(4, tmp_path / f"{backend}.pt", common + layout + [f"model.packed_attention={backend}", *extra])
+        _assert_equal_step(got, ref)
 
 
 def test_frozen_modules_get_no_gradient_and_no_optimizer_state(tmp_path):
