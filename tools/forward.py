@@ -106,7 +106,6 @@ def run_one(load: str, ids_path: Optional[str], output: str, model_yaml, args: a
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
     from megatron.core.transformer.module import Float16Module
 
@@ -116,6 +115,7 @@ def run_one(load: str, ids_path: Optional[str], output: str, model_yaml, args: a
     from megatron_omni.parallel.layout import unwrap
     from megatron_omni.training.checkpoint import load_checkpoint
     from megatron_omni.training.setup import TrainState, params_dtype
+    from megatron_omni.training.step import run_schedule
 
     mbs = args.micro_batch_size
     root, _ = resolve_iteration(load)
@@ -198,14 +198,15 @@ def run_one(load: str, ids_path: Optional[str], output: str, model_yaml, args: a
 
             if inner.pre_process:
                 item.count_placeholders(inner.vocab.placeholder_ids)
-            mb, mask = stage_inputs(item, {}, inner)
+            mb, mask, packed = stage_inputs(item, {}, inner)
             media = {}
             if inner.pre_process:
                 media = dict(pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw,
                              pixel_values_videos=mb.pixel_values_videos, video_grid_thw=mb.video_grid_thw,
                              audio_features=mb.audio_features, audio_lengths=mb.audio_lengths,
                              placeholder_counts=mb.placeholder_counts)
-            output = chunk(mb.tokens if inner.pre_process else None, mb.position_ids, mask, **media)
+            output = chunk(mb.tokens if inner.pre_process else None, mb.position_ids, mask,
+                           packed_seq_params=packed, **media)
         else:
             tokens = pos = None
             if first:
@@ -218,17 +219,9 @@ def run_one(load: str, ids_path: Optional[str], output: str, model_yaml, args: a
             return torch.zeros((), device=full.device), {"logits": full.float().cpu()}
         return output, gather_logits
 
-    iterators = [iter(micro) for _ in model]
-    with torch.no_grad():
-        results = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iterators if len(model) > 1 else iterators[0],
-            model=model if len(model) > 1 else model[0],
-            num_microbatches=len(micro),
-            seq_length=seq,
-            micro_batch_size=mbs,
-            forward_only=True,
-        )
+    with torch.no_grad():  # the training's schedule call: it sizes the p2p buffers by the model's layout
+        results = run_schedule(model, [iter(micro) for _ in model], forward_only=True, forward_step_func=forward_step,
+                               num_microbatches=len(micro), seq_length=seq, micro_batch_size=mbs)
     holder = parallel_state.get_pipeline_model_parallel_last_rank()  # on rank 0: its pipeline's last stage
     logits = None
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and parallel_state.get_tensor_model_parallel_rank() == 0:
