@@ -106,3 +106,15 @@ def test_targets_from_bad_rows_name_the_row():
         RewardTarget.from_row({"answer": 1, "tolerance": -1}, "m.jsonl:3")
     with pytest.raises(RewardError, match="m.jsonl:3: metadata.format is not a valid regex"):
         RewardTarget.from_row({"answer": 1, "format": "("}, "m.jsonl:3")
+
+
+def test_blend_source_rewards_are_checked_at_load(tmp_path):
+    from megatron_omni.config.loader import ConfigError
+    from megatron_omni.data.blend import load_blend
+
+    path = tmp_path / "gspo.yaml"
+    path.write_text("sources:\n  - {name: q, manifest: m.jsonl, modality: text, rewards: {numerik: 1.0}}\n")
+    with pytest.raises(ConfigError, match=r"blend 'gspo': source 'q': unknown reward\(s\) \['numerik'\]; choose from"):
+        load_blend(str(path))
+    path.write_text("sources:\n  - {name: q, manifest: m.jsonl, modality: text, rewards: {numeric: 1.0, format: 0.1}}\n")
+    assert load_blend(str(path)).sources[0].rewards == {"numeric": 1.0, "format": 0.1}
