@@ -154,11 +154,15 @@ class OmniModel(GPTModel):
         return emb
 
     def forward(self, input_ids: Optional[Tensor], position_ids: Tensor, attention_mask: Tensor,
-                labels: Optional[Tensor] = None, **media: Optional[Tensor]) -> Tensor:
+                labels: Optional[Tensor] = None, inference_context=None, runtime_gather_output: Optional[bool] = None,
+                **media: Optional[Tensor]) -> Tensor:
         """GPTModel.forward with `media` = the OmniMicrobatch media fields (`embed_multimodal`'s
-        keywords), used by the first stage; later stages get hidden states from the pipeline."""
+        keywords), used by the first stage; later stages get hidden states from the pipeline.
+        `inference_context` / `runtime_gather_output`: megatron's KV-cache generation
+        (`megatron_omni.inference`); during decoding `position_ids` cover every cached column."""
         decoder_input = self.embed_multimodal(input_ids, **media) if self.pre_process else None
-        return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels)
+        return super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
+                               inference_context=inference_context, runtime_gather_output=runtime_gather_output)
 
 
 def build_omni_chunks(
