@@ -10,14 +10,13 @@ is taken on each with the GSPO loss (`rl/gspo.py`); old log-probs are the rollou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 from megatron_omni.rl.advantages import STD_KINDS
 from megatron_omni.rl.gspo import GSPO_VARIANTS
 
-__all__ = ["GSPOConfig", "REFERENCE_POLICIES"]
+__all__ = ["GSPOConfig", "OLD_LOGPROBS", "REFERENCE_POLICIES"]
 
-REFERENCE_POLICIES = ("lora_off", "frozen_copy")
+REFERENCE_POLICIES = ("lora_off",)  # a frozen full copy is not built (memory x2); LoRA-off is the DPO stage's reference too
+OLD_LOGPROBS = ("rollout", "recompute")
 
 
 @dataclass
@@ -27,17 +26,24 @@ class GSPOConfig:
     eps_high: float = 4e-4  # right clip range of s_i (GSPO paper Sec. 5.1: 4e-4)
     variant: str = "sequence"  # sequence (GSPO, Eq. 5) | token (GSPO-token, Eq. 13)
     # KL(pi_theta || pi_ref) weight, k3 estimator (GRPO Eq. 3-4); GSPO uses none.  The reference:
-    # the same network with LoRA adapters off (needs a lora: section) or a frozen copy of the
-    # stage's initial weights.
+    # the same network with its LoRA adapters off (needs a lora: section; as the DPO stage's).
     kl_coef: float = 0.0
-    reference: str = "lora_off"  # lora_off | frozen_copy
+    reference: str = "lora_off"
+    # pi_old's log-probs: "recompute" = a forward-only pass of the training forward over the
+    # rollouts before the updates (verl's default), "rollout" = the sampler's (generate()).  The
+    # sampler normalises over the real vocabulary without the media placeholders it never samples,
+    # the training cross entropy over the TP-padded vocabulary: on the tiny model at theta = theta_old
+    # that alone gives s_i = 0.985 (logged as rollout_logp_gap), far outside GSPO's 3e-4 clip range,
+    # and bf16 adds its own rounding.  "rollout" saves one forward where the two agree.
+    old_logprobs: str = "recompute"
     advantage_eps: float = 1e-6  # eps of A_i = (r_i - mean) / (std + eps) (GRPO Sec. 4.1.2)
     advantage_std: str = "sample"  # sample (verl / TRL's torch.std) | population
     # optimizer steps per rollout batch: the batch of prompts x G rollouts is split into this many
     # mini-batches, one update each (GSPO paper Sec. 5.1: "each batch of rollout data is
     # partitioned into four minibatches for gradient updates"); 1 = on-policy.
+    # The rollout batch of a GSPO step is train.global_batch_size x minibatches rollouts, i.e.
+    # global_batch_size x minibatches / G prompts; train.steps counts optimizer updates.
     minibatches: int = 4
-    prompts_per_step: Optional[int] = None  # None = train.global_batch_size / G
     max_new_tokens: int = 32  # generation length cap of a rollout
     temperature: float = 1.0  # rollout sampling (GSPO paper: sampled from pi_old, T = 1)
     top_k: int = 0  # 0 = off
@@ -50,6 +56,11 @@ class GSPOConfig:
             raise ValueError(f"gspo.variant {self.variant!r}; use one of {', '.join(GSPO_VARIANTS)}")
         if self.advantage_std not in STD_KINDS:
             raise ValueError(f"gspo.advantage_std {self.advantage_std!r}; use one of {', '.join(STD_KINDS)}")
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise ValueError(f"gspo.old_logprobs {self.old_logprobs!r}; use one of {', '.join(OLD_LOGPROBS)}")
+        if self.old_logprobs == "rollout" and self.temperature != 1.0:
+            raise ValueError(f"gspo.temperature={self.temperature} with old_logprobs=rollout: the sampler's log-probs "
+                             f"are of logits / T, the training forward's of the logits; set old_logprobs=recompute")
         if self.reference not in REFERENCE_POLICIES:
             raise ValueError(f"gspo.reference {self.reference!r}; use one of {', '.join(REFERENCE_POLICIES)}")
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
