@@ -79,6 +79,8 @@ class GSPOData:
         self._rollout_metrics: Dict[str, object] = {}
         self._step_microbatches: Dict[str, int] = {}
         self._rollout_time = self._train_start = 0.0
+        self.last_texts: List[str] = []  # the last rollout batch's decoded responses and rewards (this rank)
+        self.last_rewards: List[float] = []
         self.source = None  # no loader threads (profiler hook compatibility)
 
     # ---------------------------------------------------------------- per optimizer step
@@ -126,6 +128,7 @@ class GSPOData:
         rewards = torch.tensor([combined_reward(text, rows[i // G].target, rows[i // G].source.rewards)
                                 for i, text in enumerate(texts)], dtype=torch.float64)
         advantages = group_advantages(rewards, G, eps=g.advantage_eps, std=g.advantage_std).float()
+        self.last_texts, self.last_rewards = texts, rewards.tolist()
         if index == 0 or index % 10 == 0:
             log.info("gspo rollout batch %d, first group: %s", index, [
                 (texts[i], float(rewards[i])) for i in range(min(G, len(texts)))])
