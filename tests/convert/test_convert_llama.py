@@ -19,21 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.convert.convert_helpers import convert, forward, report
+from tests.convert.convert_helpers import convert, report
 from tests.helpers.launch import REPO, TINY, metrics, train
 
 ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def gqa(hf_models, tmp_path_factory):
-    """The GQA model converted for TP2xPP2 (CLI) and its megatron logits at TP2xPP2."""
-    m = hf_models["gqa"]
-    work = tmp_path_factory.mktemp("gqa")
-    ckpt = work / "mcore_tp2pp2"
-    rep = report(convert("hf-to-mcore", "--hf-dir", str(m["dir"]), "--out", str(ckpt), "--tp", "2", "--pp", "2"))
-    logits = forward(ckpt, m["ids_path"], work / "logits_tp2pp2.npy", tp=2, pp=2)
-    return {**m, "work": work, "ckpt": ckpt, "report": rep, "mc_logits": logits}
 
 
 def test_converted_checkpoint_layout(gqa):
@@ -166,29 +155,3 @@ def test_training_starts_from_converted_checkpoint(gqa, tmp_path, data_cache):
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed, "one optimizer step should have changed the weights"
 
-
-def test_generate_cli_matches_transformers_generate(gqa):
-    """tools/generate.py --prompt-ids at TP2xPP2 on the converted checkpoint == transformers'
-    generate(do_sample=False), stop token and EOS padding included."""
-    from transformers import AutoModelForCausalLM
-
-    from tests.helpers.launch import torchrun
-
-    k = 10
-    ids = gqa["ids"][:, :12]
-    hf = AutoModelForCausalLM.from_pretrained(gqa["dir"], dtype=torch.float32, attn_implementation="eager").eval()
-    with torch.no_grad():
-        free = hf.generate(torch.from_numpy(ids), do_sample=False, max_new_tokens=k, min_new_tokens=k)[:, 12:]
-        stop = int(free[0, 3])  # row 0 stops after 4 tokens
-        ref = hf.generate(torch.from_numpy(ids), do_sample=False, max_new_tokens=k, eos_token_id=stop,
-                          pad_token_id=stop)[:, 12:].numpy()
-    ref = np.pad(ref, ((0, 0), (0, k - ref.shape[1])), constant_values=stop)  # HF stops when all rows did
-    ids_path, out = gqa["work"] / "gen_ids.npy", gqa["work"] / "gen_out.npy"
-    np.save(ids_path, ids)
-    proc = torchrun(4, [str(REPO / "tools" / "generate.py"), "--load", str(gqa["ckpt"]), "--prompt-ids", str(ids_path),
-                        "--output", str(out), "--max-new-tokens", str(k), "--greedy", "--stop-ids", str(stop),
-                        "parallel.tp=2", "parallel.pp=2"])
-    got = np.load(out)
-    assert got.dtype == np.int64 and got.shape == (2, k)
-    assert (got == ref).all(), f"megatron {got.tolist()} vs transformers {ref.tolist()}"
-    assert "tokens/s" in proc.stdout
