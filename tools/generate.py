@@ -33,7 +33,8 @@ log = logging.getLogger("generate")
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="checkpoints root (or one iter_XXXXXXX folder)")
-    p.add_argument("--model", default=None, help="ModelConfig / omni bundle YAML (default: found next to the checkpoint)")
+    p.add_argument("--model", default=None,
+                   help="ModelConfig / omni bundle YAML (default: found next to the checkpoint)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="a question (text)")
     src.add_argument("--prompt-ids", help="int64 token ids [B, S] (.npy)")
