@@ -132,12 +132,24 @@ def recompute_greedy(model, prompt, media, vocab_size, banned=(), omni=None):
             logits = model(ids, pos, mask, **m)
         else:
             logits = model(ids, None, mask)
-        last = logits[0, -1, :vocab_size].float()
+        full = logits[0, -1].float()  # every output logit (TP padding rows included)
+        last = full[:vocab_size].clone()
         last[list(banned)] = float("-inf")
         tok = int(last.argmax())
-        logprobs.append(float(torch.log_softmax(last, -1)[tok]))
+        logprobs.append(float(torch.log_softmax(full, -1)[tok]))
         seq.append(tok)
-    return {"tokens": seq[len(prompt):], "logprobs": logprobs}
+    # The training forward's own per-token loss (megatron's vocab-parallel cross entropy) on the
+    # finished sequence: -loss at the generated positions is what GSPO's pi_old must equal.
+    ids = torch.tensor([seq[:-1]])
+    S = ids.shape[1]
+    mask = torch.ones(S, S, dtype=torch.bool).triu(1)[None, None]
+    labels = torch.tensor([seq[1:]])
+    if omni is not None:
+        loss = model(ids, pos[:, :, :S], mask, labels=labels, **m)
+    else:
+        loss = model(ids, None, mask, labels=labels)
+    ce = (-loss[0, len(prompt) - 1:]).tolist()
+    return {"tokens": seq[len(prompt):], "logprobs": logprobs, "train_logprobs": ce}
 
 
 def run_llama(res, name, vocab_size, chunks, bf16_chunks):

@@ -88,9 +88,13 @@ def test_greedy_equals_single_rank_and_full_recompute(world):
     assert "tp2pp2/omni/greedy" in world and "tp2pp2vpp2/llama/greedy" in world
 
 
-def test_greedy_logprobs_are_the_full_vocab_log_softmax(world):
+def test_greedy_logprobs_equal_the_training_forwards(world):
+    """log-probs (default logprobs_over="model") == log_softmax over every output logit of the
+    no-cache recompute == -(the training forward's per-token cross entropy): pi_old of GSPO."""
     for model in ("llama", "omni"):
         ref = np.array([r["logprobs"] for r in world[f"recompute/{model}"]])
+        train = np.array([r["train_logprobs"] for r in world[f"recompute/{model}"]])
+        np.testing.assert_allclose(train, ref, atol=1e-5, err_msg=model)
         for layout in ("tp2pp2", "single"):
             got = np.array(world[f"{layout}/{model}/greedy"]["logprobs"])
             np.testing.assert_allclose(got, ref, atol=1e-4, err_msg=f"{layout}/{model}")

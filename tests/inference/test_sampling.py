@@ -55,6 +55,11 @@ def test_logprob_is_full_vocab_log_softmax_at_temperature_and_sampling_is_seeded
     torch.testing.assert_close(lp.double(), ref, atol=1e-6, rtol=0)
     allowed = torch.isfinite(filter_top_k_top_p(logits / 0.7, 10, 0.8))
     assert allowed.gather(-1, tok[:, None]).all()  # only nucleus tokens are drawn
+    padded = torch.cat([logits, torch.zeros(4, 14)], -1)  # the model's output incl. TP padding rows
+    tok3, lp3 = sample_next(logits, params, torch.Generator().manual_seed(params.seed), padded)
+    assert torch.equal(tok3, tok)
+    torch.testing.assert_close(lp3.double(), torch.log_softmax(padded.double() / 0.7, -1).gather(
+        -1, tok[:, None]).squeeze(-1), atol=1e-6, rtol=0)
     greedy_tok, greedy_lp = sample_next(logits, SamplingParams(greedy=True), None)
     assert torch.equal(greedy_tok, logits.argmax(-1))
     torch.testing.assert_close(greedy_lp, torch.log_softmax(logits, -1).max(-1).values)
