@@ -19,7 +19,6 @@ Several checkpoints can be run in one launch (one world, one model after the oth
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -59,36 +58,20 @@ def run_one(load: str, ids_path: str, output: str, model_yaml, micro_batch_size:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-    from megatron.core.transformer.module import Float16Module
 
-    from megatron_omni.config.loader import apply_override, from_dict, parse_override
-    from megatron_omni.config.schema import RunConfig
-    from megatron_omni.convert.omni_import import find_omni_config
-    from megatron_omni.convert.mcore_io import resolve_iteration
-    from megatron_omni.models.llama import build_llama_chunks
+    from megatron_omni.inference.load import inference_config, load_inference_model, real_vocab_size
     from megatron_omni.parallel.initialize import initialize_distributed, set_random_seeds
     from megatron_omni.parallel.layout import unwrap
-    from megatron_omni.training.checkpoint import load_checkpoint
-    from megatron_omni.training.setup import TrainState, params_dtype
 
     ids = np.load(ids_path)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise SystemExit(f"--input-ids: expected integer token ids [B, S], got {ids.dtype} {list(ids.shape)}")
     batch, seq = ids.shape
-    root, _ = resolve_iteration(load)
-    model_cfg, omni_cfg = find_omni_config(root, model_yaml)
-    tree = {"model": dataclasses.asdict(model_cfg), "train": {"precision": "fp32"}}
-    for text in overrides:
-        parts, value = parse_override(text)
-        apply_override(tree, parts, value, RunConfig)
-    cfg = from_dict(RunConfig, tree)
+    cfg = inference_config(load, model_yaml, overrides, default_precision="fp32")
     cfg.data.seq_length = seq
-    p, m = cfg.parallel, cfg.model
-    vocab_size = m.vocab_size
-    if omni_cfg is not None:
-        from megatron_omni.models.omni import build_omni_chunks, omni_vocab
-
-        vocab_size = omni_vocab(m, omni_cfg).size
+    p = cfg.parallel
+    omni_cfg = cfg.omni
+    vocab_size = real_vocab_size(cfg)
     if ids.min() < 0 or ids.max() >= vocab_size:
         raise SystemExit(f"--input-ids: token ids must be in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
     if batch % micro_batch_size:
@@ -104,17 +87,7 @@ def run_one(load: str, ids_path: str, output: str, model_yaml, micro_batch_size:
         raise SystemExit(f"launch exactly tp*pp*cp={p.tp * p.pp * p.cp} processes (got {world}); "
                          "data parallelism is not used here")
     set_random_seeds(cfg.train.seed)
-    dtype = params_dtype(cfg.train.precision)
-    if omni_cfg is None:
-        chunks = build_llama_chunks(m, p, seq_length=seq, params_dtype=dtype)
-    else:
-        chunks = build_omni_chunks(m, p, omni_cfg, seq_length=seq, params_dtype=dtype)
-    for chunk in chunks:
-        chunk.cuda(torch.cuda.current_device())
-    load_checkpoint(TrainState(model=chunks, optimizer=None, scheduler=None), load, finetune=True)
-    model = [Float16Module(c.config, c) if dtype != torch.float32 else c for c in chunks]
-    for chunk in model:
-        chunk.eval()
+    model = load_inference_model(cfg, load, seq_length=seq)
 
     mbs = micro_batch_size
     micro = [torch.from_numpy(ids[i:i + mbs].astype(np.int64)) for i in range(0, batch, mbs)]

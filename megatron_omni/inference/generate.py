@@ -59,8 +59,8 @@ log = logging.getLogger(__name__)
 class GenerationOutput:
     """`tokens` [B, K] int64 new tokens (K = max_new_tokens), each row padded after its stop token with
     `SamplingParams.padding_id`; `logprobs` [B, K] float32 log-probs of the chosen tokens (0 on
-    padding, see `sampling` for the distribution); `lengths` [B] int64 new tokens per row, the stop
-    token included.  CPU tensors, the same on every rank."""
+    padding; `SamplingParams.logprobs_over` says over what, see `sampling`); `lengths` [B] int64 new
+    tokens per row, the stop token included.  CPU tensors, the same on every rank."""
 
     tokens: Tensor
     logprobs: Tensor
@@ -175,10 +175,11 @@ def _generate_batch(chunks: Sequence[torch.nn.Module], batch: PromptBatch, param
             context.enable_decode_mode()
         choice = None
         if last_stage:
-            logits = logits[:, -1, :vocab_size].float()
+            model_logits = logits[:, -1].float()  # [B, V_padded]: the training cross entropy's normaliser
+            logits = model_logits[:, :vocab_size].clone()
             if banned_ids:
                 logits[:, list(banned_ids)] = float("-inf")
-            tok, lp = sample_next(logits, params, generator)
+            tok, lp = sample_next(logits, params, generator, model_logits)
             choice = torch.stack([tok.double(), lp.double()]).contiguous()
         choice = _from_last_stage(choice, (2, B))
         tok, lp = choice[0].long(), choice[1].float()

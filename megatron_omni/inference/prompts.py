@@ -100,7 +100,8 @@ def build_prompt_batch(prompts: Sequence[Sequence[int]], media: Optional[Sequenc
     if not prompts:
         raise ValueError("generate: no prompts given")
     if media is not None and len(media) != len(prompts):
-        raise ValueError(f"generate: {len(media)} media entries for {len(prompts)} prompts; give one (or None) per prompt")
+        raise ValueError(f"generate: {len(media)} media entries for {len(prompts)} prompts; "
+                         "give one (or None) per prompt")
     rows = []
     for i, p in enumerate(prompts):
         ids = torch.as_tensor(list(p), dtype=torch.long)

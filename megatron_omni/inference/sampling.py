@@ -1,9 +1,15 @@
 """Next-token choice from full-vocabulary logits: greedy, temperature, top-k, top-p, seeded.
 
-The log-prob reported for a token is ``log_softmax(logits / T)`` of that token over the whole
-(real) vocabulary, T = `temperature` (1 when greedy), taken *before* top-k/top-p filtering: it is
-the policy's own probability of the token, the quantity GSPO's importance ratio needs (the training
-forward computes the same thing from its logits), not the probability under the truncated sampler.
+The log-prob reported for a token is ``log_softmax(logits / T)`` of that token, T = `temperature`
+(1 when greedy), taken *before* top-k/top-p filtering: the policy's own probability of the token,
+the quantity GSPO's importance ratio needs, not the probability under the truncated sampler.  Its
+normaliser (`SamplingParams.logprobs_over`):
+
+* ``"model"`` (default): every logit the model outputs - the TP padding rows of the vocabulary and
+  the media placeholders included - which is exactly what the training forward's (vocab-parallel)
+  cross entropy normalises over, so at T = 1 a rollout's log-probs equal the trainer's
+  ``-loss`` per token (pi_old straight from the rollout);
+* ``"sampled"``: the vocabulary the sampler draws from (the real tokens, media placeholders masked).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class SamplingParams:
     seed: int = 0
     stop_ids: Sequence[int] = field(default_factory=tuple)
     pad_id: Optional[int] = None
+    logprobs_over: str = "model"  # "model" | "sampled": the log-probs' normaliser (module docstring)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -44,6 +51,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.logprobs_over not in ("model", "sampled"):
+            raise ValueError(f"SamplingParams.logprobs_over must be 'model' or 'sampled', got {self.logprobs_over!r}")
         self.stop_ids = tuple(int(i) for i in self.stop_ids)
 
     @property
@@ -70,9 +79,11 @@ def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def sample_next(logits: Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor]:
-    """(token ids [B] int64, their log-probs [B] float32) from `logits` [B, V] (float32, masked
-    vocabulary entries already -inf)."""
+def sample_next(logits: Tensor, params: SamplingParams, generator: Optional[torch.Generator],
+                model_logits: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(token ids [B] int64, their log-probs [B] float32) from `logits` [B, V] (float32, entries that
+    must never be drawn already -inf).  `model_logits` [B, V_out]: all the model's output logits,
+    the normaliser of ``logprobs_over="model"`` (default: `logits`)."""
     logits = logits.float()
     if params.greedy:
         tokens = logits.argmax(-1)
@@ -82,4 +93,7 @@ def sample_next(logits: Tensor, params: SamplingParams, generator: Optional[torc
         logprobs = torch.log_softmax(scaled, -1)
         probs = filter_top_k_top_p(scaled, params.top_k, params.top_p).softmax(-1)
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if params.logprobs_over == "model" and model_logits is not None:
+        scaled = model_logits.float() / (1.0 if params.greedy else params.temperature)
+        return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(scaled, -1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)

@@ -7,7 +7,7 @@ from typing import Dict
 import numpy as np
 import pytest
 
-from tests.convert.convert_helpers import SPECS, hf_logits, make_hf_llama
+from tests.convert.convert_helpers import SPECS, convert, forward, hf_logits, make_hf_llama, report
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +24,15 @@ def hf_models(tmp_path_factory) -> Dict[str, dict]:
         np.save(ids_path, ids)
         out[name] = {"dir": path, "ids": ids, "ids_path": ids_path, "logits": hf_logits(path, ids)}
     return out
+
+
+@pytest.fixture(scope="session")
+def gqa(hf_models, tmp_path_factory):
+    """The GQA model converted for TP2xPP2 (CLI) and its megatron logits at TP2xPP2 (shared by the
+    conversion tests and test_generate.py)."""
+    m = hf_models["gqa"]
+    work = tmp_path_factory.mktemp("gqa")
+    ckpt = work / "mcore_tp2pp2"
+    rep = report(convert("hf-to-mcore", "--hf-dir", str(m["dir"]), "--out", str(ckpt), "--tp", "2", "--pp", "2"))
+    logits = forward(ckpt, m["ids_path"], work / "logits_tp2pp2.npy", tp=2, pp=2)
+    return {**m, "work": work, "ckpt": ckpt, "report": rep, "mc_logits": logits}
