@@ -29,13 +29,12 @@ class GSPOConfig:
     # the same network with its LoRA adapters off (needs a lora: section; as the DPO stage's).
     kl_coef: float = 0.0
     reference: str = "lora_off"
-    # pi_old's log-probs: "recompute" = a forward-only pass of the training forward over the
-    # rollouts before the updates (verl's default), "rollout" = the sampler's (generate()).  The
-    # sampler normalises over the real vocabulary without the media placeholders it never samples,
-    # the training cross entropy over the TP-padded vocabulary: on the tiny model at theta = theta_old
-    # that alone gives s_i = 0.985 (logged as rollout_logp_gap), far outside GSPO's 3e-4 clip range,
-    # and bf16 adds its own rounding.  "rollout" saves one forward where the two agree.
-    old_logprobs: str = "recompute"
+    # pi_old's log-probs: "rollout" = the sampler's (generate(): normalised over every output logit,
+    # equal to the training forward's -cross-entropy; logged rollout_logp_gap 2e-7 fp32 / 1e-7 bf16
+    # on the tiny model, CPU), "recompute" = a forward-only pass of the training forward over the
+    # rollouts before the updates (verl's default): for kernels whose decode and training forwards
+    # round differently by more than GSPO's 3e-4 clip range (bf16 on GPU).
+    old_logprobs: str = "rollout"
     advantage_eps: float = 1e-6  # eps of A_i = (r_i - mean) / (std + eps) (GRPO Sec. 4.1.2)
     advantage_std: str = "sample"  # sample (verl / TRL's torch.std) | population
     # optimizer steps per rollout batch: the batch of prompts x G rollouts is split into this many

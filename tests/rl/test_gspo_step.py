@@ -1,5 +1,5 @@
-"""A GSPO step of the stage (rollouts by `generate` on the policy, rewards, advantages, rollout
-microbatches, the GSPO loss through the omni forward step) equals the paper's formula applied to
+"""A GSPO step of the stage (rollouts by `generate` on the policy with their log-probs, rewards,
+advantages, rollout microbatches, the GSPO loss through the omni forward step) equals the paper's formula applied to
 log-probs taken independently from the same model's logits (float64 log-softmax over the padded
 vocabulary): loss and every parameter gradient.  One process, world of one."""
 
@@ -43,10 +43,11 @@ def test_gspo_step_equals_paper_formula_on_model_logprobs(demo_data, tmp_path):
         data = build_gspo_data(cfg, model.vocab, num_chunks=1, num_microbatches=2)
         planned = list(data.step_iterators(0, chunks)[0])
         assert len(planned) == 2 and data._rollout_metrics["rollouts"] == 8
-        # the recomputed pi_old is the training forward's: at theta_old every s_i is 1 ...
+        # pi_old from the rollout pass (generate's log-probs, before any update: theta = theta_old) ...
+        rollout_old = torch.cat([p.rollout.old_logp for p in planned]).double()
         computed_adv = torch.cat([p.rollout.advantages for p in planned]).double()
         g = torch.Generator().manual_seed(0)
-        for p in planned:  # ... so move pi_old a little, per token, to put some sequences outside the clip range,
+        for p in planned:  # ... moved a little, per token, to put some sequences outside the clip range,
             m = p.batch.loss_mask.bool()  # and give every rollout an advantage (an untrained policy earns no reward)
             p.rollout.old_logp = p.rollout.old_logp + torch.where(m, 2e-3 * torch.randn(m.shape, generator=g), 0.0)
             p.rollout.advantages = torch.randn(p.rollout.advantages.shape, generator=g)
@@ -80,6 +81,8 @@ def test_gspo_step_equals_paper_formula_on_model_logprobs(demo_data, tmp_path):
             advs.append(p.rollout.advantages.double())
             masks.append(p.batch.loss_mask.bool())
         logp, old, adv, mask = torch.cat(logps), torch.cat(olds), torch.cat(advs), torch.cat(masks)
+        # generate()'s log-probs of the sampled tokens are the training forward's (fp32)
+        assert float((rollout_old - logp.detach())[mask].abs().max()) < 1e-5
         paper = _paper_loss(logp, old, adv, mask, *EPS)
         paper.backward()
         paper_grads = [torch.zeros_like(q) if q.grad is None else q.grad.detach().clone() for q in params]
