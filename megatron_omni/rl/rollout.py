@@ -22,7 +22,7 @@ import torch
 
 from megatron_omni.config.loader import ConfigError
 from megatron_omni.data.blend import BlendConfig, BlendSource, read_blend_manifests, split_heldout
-from megatron_omni.data.chat_template import ChatTemplate, Rendered
+from megatron_omni.data.chat_template import Rendered
 from megatron_omni.data.manifest import ManifestRow
 from megatron_omni.data.omni_batch import OmniSample
 from megatron_omni.data.sample_builder import DecodedMedia, decode_media, rendered_sample
@@ -85,10 +85,13 @@ class EncodedPrompt:
 
 
 class RolloutEncoder:
-    def __init__(self, tokenizer, vocab, template: ChatTemplate, vision, audio, blend: BlendConfig, root: str):
-        self.tokenizer, self.vocab, self.template = tokenizer, vocab, template
+    """Prompts and rollout samples with the training data path's template and media decoding;
+    stop tokens and response text from the generation side's `ChatPrompts` (one definition)."""
+
+    def __init__(self, chat, vision, audio, blend: BlendConfig, root: str):
+        self.chat, self.vocab, self.template = chat, chat.vocab, chat.template
         self.vision, self.audio, self.blend, self.root = vision, audio, blend, root
-        self.stop_ids = [int(tokenizer.eos_id), template.special("<|eot_id|>")]
+        self.stop_ids = list(chat.stop_ids)
 
     def prompt(self, row: ManifestRow) -> EncodedPrompt:
         turns = list(row.conversations)
@@ -111,13 +114,5 @@ class RolloutEncoder:
         return rendered_sample(rendered, prompt.media, row, self.vocab, self.vision)
 
     def decode(self, response: Sequence[int]) -> str:
-        """The response's text: up to the first stop token, text ids only (omni specials dropped)."""
-        stop = set(self.stop_ids)
-        text_ids: List[int] = []
-        for t in response:
-            t = int(t)
-            if t in stop:
-                break
-            if t < self.tokenizer.vocab_size:
-                text_ids.append(t)
-        return self.tokenizer.decode(text_ids)
+        """The response's text, cut at the first stop token (`ChatPrompts.decode`)."""
+        return self.chat.decode(response)

@@ -22,6 +22,7 @@ prompt's G rollouts stay together when G divides the mini-batch).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Dict, List, Optional
@@ -117,8 +118,8 @@ class GSPOData:
                                   f"data.seq_length or lower max_new_tokens")
         G = g.group_size
         prompt_ids = [e.tokens for e in encoded for _ in range(G)]
-        media = [PromptMedia(**e.media.sample_fields()) if e.media.sample_fields() else None
-                 for e in encoded for _ in range(G)]
+        fields = [e.media.sample_fields() for e in encoded]
+        media = [PromptMedia(**f) if f else None for f in fields for _ in range(G)]
         params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
                                 top_p=g.top_p, seed=(cfg.train.seed * 7919 + index * 104729 + self.dp_rank) % 2**62,
                                 stop_ids=self.encoder.stop_ids, pad_id=self.encoder.stop_ids[-1])
@@ -173,8 +174,6 @@ class GSPOData:
     def _logprob_pass(self, model: list, reference: bool) -> List[Optional[torch.Tensor]]:
         """log pi of every label position of every rollout microbatch, forward only (last pipeline
         stage; None elsewhere); `reference`: with the LoRA adapters off (pi_ref)."""
-        import contextlib
-
         from megatron_omni.models.lora import adapters_disabled
 
         items = [PlannedMicrobatch(p.batch, 0.0, rollout=RolloutTargets(p.rollout.old_logp, p.rollout.advantages,
@@ -259,8 +258,7 @@ class GSPOData:
 
 def build_gspo_data(cfg: RunConfig, vocab, num_chunks: int, num_microbatches: int) -> GSPOData:
     from megatron_omni.data.blend import load_blend
-    from megatron_omni.data.chat_template import ChatTemplate
-    from megatron_omni.data.tokenizer import build_tokenizer
+    from megatron_omni.inference.chat import ChatPrompts
 
     d = cfg.data
     if not d.omni_blend or not d.root:
@@ -269,9 +267,10 @@ def build_gspo_data(cfg: RunConfig, vocab, num_chunks: int, num_microbatches: in
     if d.mock:
         raise ConfigError("a GSPO stage has no mock data (rewards need answers): drop data.mock")
     blend = load_blend(d.omni_blend)
-    tokenizer = build_tokenizer(d, vocab_size=cfg.model.vocab_size)
-    encoder = RolloutEncoder(tokenizer, vocab, ChatTemplate(tokenizer, vocab), cfg.omni.vision, cfg.omni.audio,
-                             blend, d.root)
+    chat = ChatPrompts(cfg)
+    if chat.vocab.size != vocab.size:
+        raise ConfigError(f"the tokenizer's omni vocabulary ({chat.vocab.size}) is not the model's ({vocab.size})")
+    encoder = RolloutEncoder(chat, cfg.omni.vision, cfg.omni.audio, blend, d.root)
     prompts = PromptSource(blend, d.root, cfg.train.seed)
     log.info("gspo: blend %s, %d prompts over %s; G=%d, %d mini-batches per rollout batch",
              d.omni_blend, len(prompts.rows), ", ".join(prompts.modalities), cfg.gspo.group_size, cfg.gspo.minibatches)
