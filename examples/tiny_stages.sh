@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The tiny omni model through M2-omni's staged recipe (paper Table 2: PT-1 -> PT-2 -> PT-3 -> IT-1 ->
-# IT-2 -> IT-3 -> AT) on the bundled demo data set, at TP2 x PP2 on 4 emulated ranks (CPU) or 4 GPUs.
+# IT-2 -> IT-3 -> AT), with Uni-MoE 2.0's GSPO stage between IT-3 and AT ("GSPO followed by DPO"),
+# on the bundled demo data set, at TP2 x PP2 on 4 emulated ranks (CPU) or 4 GPUs.
 #
 #   bash tools/setup_env.sh bash examples/tiny_stages.sh [section.key=value ...]
 #
@@ -8,7 +9,7 @@
 # runs each stage from configs/tiny/stages/ starting from the previous stage's last checkpoint.
 # Re-running resumes: a finished stage is skipped by megatron's own checkpoint logic (its step
 # count is reached), an interrupted one continues from its last checkpoint.
-# Env: OUT (default runs/tiny_stages), NPROC (4), TP (2), PP (2), STAGES ("pt1 pt2 pt3 it1 it2 it3 at"),
+# Env: OUT (default runs/tiny_stages), NPROC (4), TP (2), PP (2), STAGES ("pt1 pt2 pt3 it1 it2 it3 gspo at"),
 # INIT_CHECKPOINT (an omni checkpoint the first stage starts from, e.g. an omni-from-hf import; default: scratch).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,9 +17,9 @@ OUT=${OUT:-runs/tiny_stages}
 NPROC=${NPROC:-4}
 TP=${TP:-2}
 PP=${PP:-2}
-STAGES=${STAGES:-"pt1 pt2 pt3 it1 it2 it3 at"}
+STAGES=${STAGES:-"pt1 pt2 pt3 it1 it2 it3 gspo at"}
 
-[[ -f "$OUT/demo_data/manifests/caption.jsonl" ]] || python tools/make_demo_data.py --out "$OUT/demo_data"
+[[ -f "$OUT/demo_data/manifests/rlqa_text.jsonl" ]] || python tools/make_demo_data.py --out "$OUT/demo_data"
 prev=""
 for stage in $STAGES; do
     echo "=== stage $stage ==="

@@ -28,7 +28,6 @@ Several checkpoints can be run in one launch (one world, one model after the oth
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -71,35 +70,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_config(root: str, model_yaml, overrides):
-    """(RunConfig, OmniConfig or None) of a checkpoint: its model (and omni) config, the data section
-    of a training run's config.yaml (tokenizer), fp32 unless overridden, then the overrides."""
-    import yaml
-
-    from megatron_omni.config.loader import apply_override, from_dict, parse_override
-    from megatron_omni.config.schema import RunConfig
-    from megatron_omni.convert.convert import HF_SOURCE
-    from megatron_omni.convert.omni_import import find_omni_config
-
-    model_cfg, omni_cfg = find_omni_config(root, model_yaml)
-    tree = {"model": dataclasses.asdict(model_cfg), "train": {"precision": "fp32"}}
-    run_yaml, hf_source = os.path.join(os.path.dirname(root), "config.yaml"), os.path.join(root, HF_SOURCE)
-    if os.path.isfile(run_yaml):
-        with open(run_yaml) as f:
-            run = yaml.safe_load(f) or {}
-        data = run.get("data")
-        if isinstance(data, dict):
-            tree["data"] = {k: data[k] for k in ("tokenizer_type", "tokenizer_model") if k in data}
-        if isinstance(run.get("lora"), dict):  # an alignment-tuning run: its adapters are part of the model
-            tree["lora"] = run["lora"]
-    elif os.path.isfile(os.path.join(hf_source, "tokenizer.json")):
-        tree["data"] = {"tokenizer_type": "huggingface", "tokenizer_model": hf_source}
-    for text in overrides:
-        parts, value = parse_override(text)
-        apply_override(tree, parts, value, RunConfig)
-    return from_dict(RunConfig, tree), omni_cfg
-
-
 def run_one(load: str, ids_path: Optional[str], output: str, model_yaml, args: argparse.Namespace,
             first: bool) -> None:
     import numpy as np
@@ -107,27 +77,21 @@ def run_one(load: str, ids_path: Optional[str], output: str, model_yaml, args: a
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-    from megatron.core.transformer.module import Float16Module
 
-    from megatron_omni.convert.mcore_io import resolve_iteration
-    from megatron_omni.models.llama import build_llama_chunks
+    from megatron_omni.inference.load import inference_config, load_inference_model, real_vocab_size
     from megatron_omni.parallel.initialize import initialize_distributed, set_random_seeds
     from megatron_omni.parallel.layout import unwrap
-    from megatron_omni.training.checkpoint import load_checkpoint
-    from megatron_omni.training.setup import TrainState, params_dtype
     from megatron_omni.training.step import run_schedule
 
     mbs = args.micro_batch_size
-    root, _ = resolve_iteration(load)
-    cfg, omni_cfg = run_config(root, model_yaml, args.overrides)
-    p, m = cfg.parallel, cfg.model
-    vocab_size = m.vocab_size
+    cfg = inference_config(load, model_yaml, args.overrides, default_precision="fp32")
+    p, m, omni_cfg = cfg.parallel, cfg.model, cfg.omni
+    vocab_size = real_vocab_size(cfg)
     if omni_cfg is not None:
         from megatron_omni.data.forward_batches import manifest_microbatch, text_microbatches
-        from megatron_omni.models.omni import build_omni_chunks, omni_vocab
+        from megatron_omni.models.omni import omni_vocab
 
         vocab = omni_vocab(m, omni_cfg)
-        vocab_size = vocab.size
     if args.manifest is not None:
         if omni_cfg is None:
             raise SystemExit(f"--manifest: {load} is a language-model checkpoint (no omni: section in its "
@@ -170,21 +134,7 @@ def run_one(load: str, ids_path: Optional[str], output: str, model_yaml, args: a
         raise SystemExit(f"launch exactly tp*pp*cp={p.tp * p.pp * p.cp} processes (got {world}); "
                          "data parallelism is not used here")
     set_random_seeds(cfg.train.seed)
-    dtype = params_dtype(cfg.train.precision)
-    if omni_cfg is None:
-        chunks = build_llama_chunks(m, p, seq_length=seq, params_dtype=dtype)
-    else:
-        chunks = build_omni_chunks(m, p, omni_cfg, seq_length=seq, params_dtype=dtype)
-    if cfg.lora is not None:
-        from megatron_omni.training.loop import apply_lora_from_config
-
-        apply_lora_from_config(chunks, cfg)
-    for chunk in chunks:
-        chunk.cuda(torch.cuda.current_device())
-    load_checkpoint(TrainState(model=chunks, optimizer=None, scheduler=None), load, finetune=True)
-    model = [Float16Module(c.config, c) if dtype != torch.float32 else c for c in chunks]
-    for chunk in model:
-        chunk.eval()
+    model = load_inference_model(cfg, load, seq_length=seq)
 
     positions = torch.arange(seq, dtype=torch.long).unsqueeze(0)
 

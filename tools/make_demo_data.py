@@ -19,6 +19,15 @@ Layout under --out (one JSONL manifest per source, media paths relative to --out
     manifests/gen_image.jsonl      caption-as-image-generation answers (<gen_image>...</gen_image>)
     manifests/speech_gen.jsonl     speech answers as audio codes (synthetic codes: no CosyVoice tokenizer here)
     manifests/dpo.jsonl            preference pairs (correct vs wrong description)
+    manifests/rlqa_image.jsonl     verifiable QA (GSPO stage): colour of the shape (exact match)
+    manifests/rlqa_video.jsonl     verifiable QA: direction of motion, option letter (multiple choice)
+    manifests/rlqa_audio.jsonl     verifiable QA: number of beeps (numeric)
+    manifests/rlqa_text.jsonl      verifiable QA: sums of two digits (numeric)
+
+Verifiable QA rows (task ``verifiable_qa``) ask for "Answer: <x>" and carry the checkable answer in
+``metadata.answer`` (+ ``metadata.choices`` for multiple choice); the GSPO blend
+(configs/data/gspo.yaml) names the reward rules of each source (megatron_omni/rl/rewards.py).
+Their assistant turn is the reference answer, so the same rows also train by SFT.
 
 Every byte is a function of --seed, except the H.264 files (libx264 is not bit-reproducible
 across processes; see megatron_omni/data/media/synth.py).
@@ -59,7 +68,9 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 
 # Per-source sample counts: small enough to build in seconds, enough for a held-out split.
 COUNTS = {"caption": 24, "ocr": 12, "interleaved": 6, "text": 24, "instruct": 16, "video_qa": 8,
-          "audio_caption": 12, "audio_qa": 8, "asr": 6, "gen_image": 12, "speech_gen": 8, "dpo": 8}
+          "audio_caption": 12, "audio_qa": 8, "asr": 6, "gen_image": 12, "speech_gen": 8, "dpo": 8,
+          "rlqa_image": 8, "rlqa_video": 6, "rlqa_audio": 8, "rlqa_text": 16}
+ANSWER_FORMAT = "Reply as 'Answer: <{}>'."  # the format reward's default pattern (rl/rewards.py)
 
 
 # -- drawing ---------------------------------------------------------------------------------------
@@ -304,6 +315,49 @@ def _audio_sources(w: _Writer, rng: random.Random, np_rng: np.random.RandomState
     return None
 
 
+def _options(choices: List[str]) -> str:
+    return " ".join(f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(choices))
+
+
+def _verifiable(w: _Writer, source: str, i: int, modality: str, user: str, answer: str, media=(), **metadata) -> None:
+    w.add(source, {"id": f"{source.replace('_', '-')}-{i:03d}", "task": "verifiable_qa", "modality": modality,
+                   "media": list(media), "conversations": _chat(user, f"Answer: {answer}"),
+                   "metadata": {"answer": answer, **metadata}})
+
+
+def _verifiable_sources(w: _Writer, seed: int) -> None:
+    """Questions whose answers a rule checks (GSPO stage), one generator per modality."""
+    rng = random.Random(f"{seed}-rlqa-image")
+    for i in range(COUNTS["rlqa_image"]):
+        rgb, _, attrs = _shape_scene(rng)
+        rel = f"images/rlqa_{i:03d}.jpg"
+        write_image(w.path(rel), rgb)
+        _verifiable(w, "rlqa_image", i, "image", f"<image>{rel}</image>\nWhat colour is the {attrs['shape']}? "
+                    f"{ANSWER_FORMAT.format('colour')}", attrs["color"], [rel])
+    rng = random.Random(f"{seed}-rlqa-video")
+    directions = ["left to right", "right to left", "top to bottom", "bottom to top"]
+    for i in range(COUNTS["rlqa_video"]):
+        clip, description = _moving_clip(rng, 8)
+        rel = f"videos/rlqa_{i:03d}.webm"
+        write_video(w.path(rel), clip, fps=8.0, codec="vp9")
+        letter = next(chr(ord("A") + k) for k, d in enumerate(directions) if d in description)
+        _verifiable(w, "rlqa_video", i, "video", f"<video>{rel}</video>\nWhich way does the shape move? "
+                    f"{_options(directions)} {ANSWER_FORMAT.format('letter')}", letter, [rel], choices=directions,
+                    duration=1.0, fps=8.0)
+    rng = random.Random(f"{seed}-rlqa-audio")
+    for i in range(COUNTS["rlqa_audio"]):
+        n = rng.randint(1, 4)
+        wave = _beeps(n)
+        rel = f"audio/rlqa_{i:03d}.wav"
+        write_audio(w.path(rel), wave, SAMPLE_RATE)
+        _verifiable(w, "rlqa_audio", i, "audio", f"<audio>{rel}</audio>\nHow many beeps do you hear? "
+                    f"{ANSWER_FORMAT.format('number')}", str(n), [rel], duration=len(wave) / SAMPLE_RATE)
+    rng = random.Random(f"{seed}-rlqa-text")
+    for i in range(COUNTS["rlqa_text"]):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        _verifiable(w, "rlqa_text", i, "text", f"What is {a} plus {b}? {ANSWER_FORMAT.format('number')}", str(a + b))
+
+
 def build_demo_data(out: str, seed: int = 0) -> Dict[str, int]:
     """Write the demo set under `out` (replacing a previous one); returns samples per source."""
     for sub in ("manifests", "images", "videos", "audio"):
@@ -315,6 +369,7 @@ def build_demo_data(out: str, seed: int = 0) -> Dict[str, int]:
     _text_sources(w, random.Random(f"{seed}-text"))
     _video_source(w, random.Random(f"{seed}-video"))
     note = _audio_sources(w, random.Random(f"{seed}-audio"), np.random.RandomState(seed))
+    _verifiable_sources(w, seed)
     counts = w.flush()
     for source in counts:  # what we wrote must pass the loader's own validation
         read_manifest(os.path.join(out, "manifests", f"{source}.jsonl"))

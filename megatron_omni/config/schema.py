@@ -15,6 +15,7 @@ from megatron_omni.models.audio.config import AudioConfig
 from megatron_omni.models.vision.config import VisionConfig
 from megatron_omni.balance.config import SchedulerConfig
 from megatron_omni.training.dpo import DPOConfig
+from megatron_omni.rl.config import GSPOConfig
 from megatron_omni.models.moe.config import MoEConfig
 
 
@@ -251,5 +252,7 @@ class RunConfig:
     omni: Optional[OmniConfig] = None  # null = a text-only Llama run
     lora: Optional[LoRAConfig] = None  # adapters on the LLM (alignment tuning); null = full weights
     dpo: Optional[DPOConfig] = None  # beta and lambda of Eq. 2 when the blend has preference pairs
+    # The GSPO reinforcement-learning stage (Uni-MoE 2.0: GSPO, then DPO; megatron_omni/rl/); None = no RL.
+    gspo: Optional[GSPOConfig] = None
     # Modality scheduling and loss balance of omni stages (M2-omni Sec. 3); None = text-only run.
     balance: Optional[SchedulerConfig] = None

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 from megatron_omni.config.loader import ConfigError, from_dict, load_yaml_tree
 from megatron_omni.data.manifest import MODALITIES, ManifestRow, read_manifest
+from megatron_omni.rl.rewards import RewardError, check_reward_weights
 
 __all__ = ["BlendSource", "BlendConfig", "SourceSplit", "load_blend", "split_heldout", "read_blend_manifests"]
 
@@ -33,6 +34,9 @@ class BlendSource:
     manifest: str  # JSONL path relative to data.root
     modality: str  # text | image | video | audio (must match the manifest rows)
     weight: float = 1.0  # sampling weight among the sources of the same modality
+    # GSPO stage: the rule rewards scoring this source's rollouts and their weights, e.g.
+    # {numeric: 1.0, format: 0.1} (megatron_omni/rl/rewards.py); the reward is the weighted sum.
+    rewards: Optional[Dict[str, float]] = None
 
 
 @dataclass
@@ -62,6 +66,11 @@ class BlendConfig:
                 raise ConfigError(f"{where}: source {s.name!r} modality {s.modality!r}; use one of {', '.join(MODALITIES)}")
             if not s.weight > 0:
                 raise ConfigError(f"{where}: source {s.name!r} weight must be > 0, got {s.weight}")
+            if s.rewards is not None:
+                try:
+                    check_reward_weights(s.rewards, f"{where}: source {s.name!r}")
+                except RewardError as e:
+                    raise ConfigError(str(e)) from None
             if s.modality == "video" and not self.max_video_frames:
                 raise ConfigError(f"{where}: source {s.name!r} is video but max_video_frames is not set (Table 2)")
         if not 0.0 <= self.pure_text_share < 1.0:

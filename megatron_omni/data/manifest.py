@@ -31,7 +31,7 @@ from megatron_omni.data.chat_template import MEDIA_KINDS, Turn, media_refs
 __all__ = ["TASKS", "MODALITIES", "ManifestError", "ManifestRow", "MediaCheck", "read_manifest", "check_media"]
 
 TASKS = ("caption", "ocr", "interleaved", "text", "video_qa", "audio_caption", "audio_qa", "asr", "gen_image",
-         "speech_gen", "dpo", "instruct")
+         "speech_gen", "dpo", "instruct", "verifiable_qa")
 # The scheduler's unit (paper Sec. 3.1: one modality per mini-batch).
 MODALITIES = ("text", "image", "video", "audio")
 _KEYS = ("id", "task", "modality", "conversations", "text", "media", "metadata", "chosen", "rejected")

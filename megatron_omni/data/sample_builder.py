@@ -24,7 +24,7 @@ from megatron_omni.models.rope import mrope_position_ids
 from megatron_omni.models.vision.config import VisionConfig
 from megatron_omni.models.vision.encoder import merged_token_counts
 
-__all__ = ["DecodedMedia", "build_sample", "build_preference_pair", "decode_media"]
+__all__ = ["DecodedMedia", "build_sample", "build_preference_pair", "decode_media", "rendered_sample"]
 
 
 class DecodedMedia:
@@ -103,6 +103,12 @@ def _to_sample(rendered: Rendered, media: DecodedMedia, row: ManifestRow, vocab:
         loss_mask=torch.tensor(loss_mask, dtype=torch.float32), position_ids=position_ids[:, 0],
         modality=row.modality, sample_id=f"{row.where} ({row.id})", **fields,
     )
+
+
+def rendered_sample(rendered: Rendered, media: DecodedMedia, row: ManifestRow, vocab: OmniVocab,
+                    vision: VisionConfig) -> OmniSample:
+    """An already rendered conversation as a sample (GSPO: a prompt + sampled response ids)."""
+    return _to_sample(rendered, media, row, vocab, vision)
 
 
 def _render(template: ChatTemplate, row: ManifestRow, turns: Optional[List[Turn]], counts: List[int]) -> Rendered:

@@ -132,4 +132,7 @@ def build_llama_chunks(
     model: ModelConfig, parallel: ParallelConfig, *, seq_length: int, params_dtype: torch.dtype
 ) -> List[GPTModel]:
     """Build this rank's GPTModel chunk(s); with virtual pipelining, one per virtual stage."""
-    return [GPTModel(**kw) for kw in gpt_model_kwargs(model, parallel, seq_length=seq_length, params_dtype=params_dtype)]
+    chunks = [GPTModel(**kw) for kw in gpt_model_kwargs(model, parallel, seq_length=seq_length, params_dtype=params_dtype)]
+    for chunk in chunks:  # the real vocabulary: generation never samples the TP padding rows
+        chunk.real_vocab_size = model.vocab_size
+    return chunks

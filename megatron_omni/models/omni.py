@@ -185,13 +185,17 @@ class OmniModel(GPTModel):
 
     def forward(self, input_ids: Optional[Tensor], position_ids: Tensor, attention_mask: Optional[Tensor],
                 labels: Optional[Tensor] = None, packed_seq_params: Optional[PackedSeqParams] = None,
+                inference_context=None, runtime_gather_output: Optional[bool] = None,
                 **media: Optional[Tensor]) -> Tensor:
         """GPTModel.forward with `media` = the OmniMicrobatch media fields (`embed_multimodal`'s
         keywords), used by the first stage; later stages get hidden states from the pipeline.
         With `packed_seq_params` (THD) the [B, S] rows run as one [1, B*S] stream and the per-token
-        loss comes back as [B, S]; `attention_mask` is then None."""
+        loss comes back as [B, S]; `attention_mask` is then None.  `inference_context` /
+        `runtime_gather_output`: megatron's KV-cache generation (`megatron_omni.inference`), which
+        gives an explicit [B, 1, s, S] mask on either path; during decoding `position_ids` cover
+        every cached column."""
         B, S = position_ids.shape[1:]
-        if self.packed_thd and packed_seq_params is None:
+        if self.packed_thd and packed_seq_params is None and inference_context is None:
             raise ValueError(f"this model runs packed rows as THD (model.packed_attention={self.packed_attention}): "
                              "pass packed_seq_params (OmniModel.packed_row_attention gives them), not a dense mask")
         if packed_seq_params is not None:
@@ -200,7 +204,8 @@ class OmniModel(GPTModel):
             labels = labels.reshape(1, B * S) if labels is not None else None
         decoder_input = self.embed_multimodal(input_ids, **media) if self.pre_process else None
         out = super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
-                              packed_seq_params=packed_seq_params)
+                              packed_seq_params=packed_seq_params, inference_context=inference_context,
+                              runtime_gather_output=runtime_gather_output)
         if packed_seq_params is not None and self.post_process:  # loss [1, T] / logits [1, T, V]
             out = out.reshape(B, S, *out.shape[2:])
         return out

@@ -145,7 +145,12 @@ def pretrain(
         os.makedirs(t.output_dir, exist_ok=True)
         dump_config(cfg, os.path.join(t.output_dir, "config.yaml"))
     omni_data = None
-    if cfg.omni is not None:
+    if cfg.omni is not None and cfg.gspo is not None:  # the RL stage: rollouts + GSPO updates (rl/stage.py)
+        from megatron_omni.rl.stage import build_gspo_data
+
+        omni_data = build_gspo_data(cfg, unwrap(state.model[0]).vocab, len(state.model), num_microbatches(cfg))
+        state.data_state = omni_data.state_dict()
+    elif cfg.omni is not None:
         from megatron_omni.training.omni_data import build_omni_data
 
         omni_data = build_omni_data(cfg, unwrap(state.model[0]).vocab, len(state.model), num_microbatches(cfg))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Dict, Iterator, Optional
+from typing import TYPE_CHECKING, Dict, Iterator, Optional
 
 import torch
 
@@ -30,6 +30,9 @@ from megatron_omni.parallel.layout import unwrap
 from megatron_omni.training.dpo import dpo_loss
 from megatron_omni.training.stage_inputs import stage_inputs
 from megatron_omni.training.step import LM_LOSS
+
+if TYPE_CHECKING:
+    from megatron_omni.rl.loss import RolloutTargets
 
 UNDERSTANDING_LOSS = "understanding loss"
 AUDIO_GEN_LOSS = "audio generation loss"
@@ -49,6 +52,8 @@ class PlannedMicrobatch:
     # log-probs per row, [B, 2], on the last pipeline stage; None in the reference pass itself
     ref_logps: Optional[torch.Tensor] = None
     dpo_beta: float = 0.1
+    # GSPO microbatches (rl/): rollouts with their old log-probs and advantages; None otherwise
+    rollout: Optional["RolloutTargets"] = None
     # this microbatch's tensors on the device, shared by the rank's virtual pipeline chunks
     device_cache: Dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -125,6 +130,10 @@ def omni_forward_step(data_iterator: Iterator[PlannedMicrobatch], model: torch.n
     output = model(batch.tokens if inner.pre_process else None, batch.position_ids, mask,
                    labels=batch.labels if inner.post_process else None, packed_seq_params=packed_seq_params,
                    **media)
+    if planned.rollout is not None:
+        from megatron_omni.rl.loss import gspo_microbatch_loss
+
+        return output, partial(gspo_microbatch_loss, dataclasses.replace(planned, batch=batch))
     if batch.modality == PREFERENCE:
         return output, partial(preference_loss, dataclasses.replace(planned, batch=batch))
     return output, partial(omni_loss, batch, inner.vocab, planned.loss_scale)

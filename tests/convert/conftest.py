@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.convert.convert_helpers import SPECS, hf_logits, make_hf_llama
+from tests.convert.convert_helpers import SPECS, convert, forward, hf_logits, make_hf_llama, report
 from tests.convert.omni_export_helpers import GREEDY_STEPS, megatron_greedy, megatron_logits, megatron_model, \
     mixed_sample, omni_run, run_configs
 
@@ -65,3 +65,15 @@ def hf_model(exported):
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
         exported["root"] / "hf", trust_remote_code=True, dtype=torch.float32, output_loading_info=True)
     return model.eval(), info
+
+
+@pytest.fixture(scope="session")
+def gqa(hf_models, tmp_path_factory):
+    """The GQA model converted for TP2xPP2 (CLI) and its megatron logits at TP2xPP2 (shared by the
+    conversion tests and test_generate.py)."""
+    m = hf_models["gqa"]
+    work = tmp_path_factory.mktemp("gqa")
+    ckpt = work / "mcore_tp2pp2"
+    rep = report(convert("hf-to-mcore", "--hf-dir", str(m["dir"]), "--out", str(ckpt), "--tp", "2", "--pp", "2"))
+    logits = forward(ckpt, m["ids_path"], work / "logits_tp2pp2.npy", tp=2, pp=2)
+    return {**m, "work": work, "ckpt": ckpt, "report": rep, "mc_logits": logits}

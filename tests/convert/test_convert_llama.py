@@ -19,21 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.convert.convert_helpers import convert, forward, report
+from tests.convert.convert_helpers import convert, report
 from tests.helpers.launch import REPO, TINY, metrics, train
 
 ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def gqa(hf_models, tmp_path_factory):
-    """The GQA model converted for TP2xPP2 (CLI) and its megatron logits at TP2xPP2."""
-    m = hf_models["gqa"]
-    work = tmp_path_factory.mktemp("gqa")
-    ckpt = work / "mcore_tp2pp2"
-    rep = report(convert("hf-to-mcore", "--hf-dir", str(m["dir"]), "--out", str(ckpt), "--tp", "2", "--pp", "2"))
-    logits = forward(ckpt, m["ids_path"], work / "logits_tp2pp2.npy", tp=2, pp=2)
-    return {**m, "work": work, "ckpt": ckpt, "report": rep, "mc_logits": logits}
 
 
 def test_converted_checkpoint_layout(gqa):
@@ -165,3 +154,4 @@ def test_training_starts_from_converted_checkpoint(gqa, tmp_path, data_cache):
         after.update(load_file(f))
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed, "one optimizer step should have changed the weights"
+

@@ -22,9 +22,13 @@ from megatron_omni.models.vision.config import VisionConfig
 from megatron_omni.models.vision.encoder import merged_token_counts
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("pt1", "pt2", "pt3", "it1", "it2", "it3", "at")
-EXPECTED_TASKS = {"caption": 24, "ocr": 12, "interleaved": 6, "text": 24, "instruct": 16, "video_qa": 8,
-                  "audio_caption": 12, "audio_qa": 8, "gen_image": 12, "speech_gen": 8, "dpo": 8}
+STAGES = ("pt1", "pt2", "pt3", "it1", "it2", "it3", "gspo", "at")
+VERIFIABLE_SOURCES = {"rlqa_image": 8, "rlqa_video": 6, "rlqa_audio": 8, "rlqa_text": 16}
+EXPECTED_SOURCES = {"caption": 24, "ocr": 12, "interleaved": 6, "text": 24, "instruct": 16, "video_qa": 8,
+                    "audio_caption": 12, "audio_qa": 8, "gen_image": 12, "speech_gen": 8, "dpo": 8,
+                    **VERIFIABLE_SOURCES}
+EXPECTED_TASKS = {**{k: v for k, v in EXPECTED_SOURCES.items() if k not in VERIFIABLE_SOURCES},
+                  "verifiable_qa": sum(VERIFIABLE_SOURCES.values())}
 
 
 def _tool():
@@ -67,7 +71,7 @@ def built(demo, setup):
 
 def test_builds_small_and_validates(demo):
     root, counts = demo
-    assert counts == {k: EXPECTED_TASKS[k] for k in counts} and set(counts) == set(EXPECTED_TASKS)
+    assert counts == EXPECTED_SOURCES
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert size < 5e6, f"demo set is {size / 1e6:.1f} MB"
     tasks = Counter()
@@ -173,3 +177,27 @@ def test_deterministic(demo, tmp_path):
     tool.build_demo_data(str(tmp_path), seed=1)
     changed = tool.tree_digest(str(tmp_path), (".mp4",))
     assert changed.keys() == first.keys() and changed != first
+
+
+def test_verifiable_answers_earn_their_rewards(demo):
+    """Every GSPO row is checkable by its source's rules: its own reference answer earns the full
+    reward (sum of the weights), an answer that is wrong, or right but unformatted, earns less."""
+    from megatron_omni.rl.rewards import RewardTarget, combined_reward
+
+    root, _ = demo
+    blend = load_blend(str(REPO / "configs" / "data" / "gspo.yaml"))
+    rows = read_blend_manifests(blend, str(root))
+    answers = Counter()
+    for s in blend.sources:
+        assert s.rewards and len(rows[s.name]) == VERIFIABLE_SOURCES[s.name]
+        full = sum(s.rewards.values())
+        for row in rows[s.name]:
+            target = RewardTarget.from_row(row.metadata, row.where)
+            reference = row.conversations[-1].content
+            assert combined_reward(reference, target, s.rewards) == pytest.approx(full), row.where
+            assert combined_reward(f"Answer: x{target.answer}x", target, s.rewards) < full, row.where
+            assert combined_reward(target.answer, target, s.rewards) == pytest.approx(full - s.rewards["format"])
+            answers[s.name, target.answer] += 1
+    # not one constant answer per source: a policy must look at the input to earn the reward
+    assert all(sum(1 for (src, _) in answers if src == name) > 1 for name in VERIFIABLE_SOURCES)
+
