@@ -98,7 +98,8 @@ def _padding_mask_honoured(chunks: Sequence[torch.nn.Module]) -> bool:
     for chunk in chunks:
         for module in unwrap(chunk).modules():
             if hasattr(module, "core_attention"):
-                core = module.core_attention
+                # the THD core attention hands masked (generation) batches to megatron's DotProductAttention
+                core = getattr(module.core_attention, "masked_attention", module.core_attention)
                 ok &= isinstance(core, DotProductAttention) and not core.config.masked_softmax_fusion
     flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=torch.cuda.current_device())
     if dist.is_initialized():

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -214,13 +215,21 @@ class PackedCoreAttention(MegatronModule):
         self.hidden_size_per_partition = divide(config.kv_channels * config.num_attention_heads, tp)
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        # KV-cached generation (megatron_omni.inference) runs [s, b] batches with an explicit mask
+        # (left padding, cached keys): megatron's own masked attention, no parameters of its own.
+        self.masked_attention = DotProductAttention(
+            config, layer_number, AttnMaskType.arbitrary, attention_type, attention_dropout=attention_dropout,
+            softmax_scale=softmax_scale, pg_collection=pg_collection) if config.context_parallel_size == 1 else None
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
                 packed_seq_params: Optional[PackedSeqParams] = None) -> Tensor:
+        if packed_seq_params is None and attention_mask is not None and self.masked_attention is not None:
+            return self.masked_attention(query, key, value, attention_mask, attention_bias=attention_bias)
         if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
-            raise ValueError("PackedCoreAttention runs packed THD inputs only (PackedSeqParams(qkv_format='thd')); "
-                             "the dense-mask path is model.packed_attention=dense")
+            raise ValueError("PackedCoreAttention runs packed THD inputs (PackedSeqParams(qkv_format='thd')), or an "
+                             "explicit mask without context parallelism (generation); the dense-mask path is "
+                             "model.packed_attention=dense")
         if attention_bias is not None or attention_mask is not None:
             raise ValueError("PackedCoreAttention takes no attention mask or bias: segments come from cu_seqlens")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
