@@ -98,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt_ids or args.stop_ids is None:
         try:
             chat = ChatPrompts(cfg, MediaLimits(args.max_image_tokens, args.max_video_frames))
-        except ValueError:
+        except ValueError as err:
             if not args.prompt_ids:
-                raise
+                raise SystemExit(f"tools/generate.py: {err}") from None
     stop = [int(s) for s in args.stop_ids.split(",") if s.strip()] if args.stop_ids else (chat.stop_ids if chat else [])
     params = SamplingParams(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=stop)

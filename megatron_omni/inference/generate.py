@@ -95,8 +95,9 @@ def _padding_mask_honoured(chunks: Sequence[torch.nn.Module]) -> bool:
     """True when every attention of the model applies an explicit padding mask (megatron's local
     attention with the unfused softmax); agreed over the model-parallel group (stages differ)."""
     ok = True
-    for chunk in chunks:
-        for module in unwrap(chunk).modules():
+    for chunk in chunks:  # the LLM decoder only: the encoders run once, unpadded, at prefill
+        decoder = getattr(unwrap(chunk), "decoder", None)
+        for module in decoder.modules() if decoder is not None else ():
             if hasattr(module, "core_attention"):
                 # the THD core attention hands masked (generation) batches to megatron's DotProductAttention
                 core = getattr(module.core_attention, "masked_attention", module.core_attention)

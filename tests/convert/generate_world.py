@@ -4,8 +4,8 @@
 2. the same ragged prompts generated from that checkpoint at TP2xPP2, TP2xPP2xVPP2 and on one rank
    (greedy, seeded sampling, stop ids, bf16), plus the no-cache full-recompute greedy reference;
 3. the omni model (layout-invariant init, models/init.py: bit-identical weights at every layout) with
-   image / audio / text / image+audio prompts at TP2xPP2 and on one rank, plus its recompute
-   reference.  Init std 0.3 (not 0.02) gives peaked logits, so greedy choices are not near-ties.
+   image / audio / text / image+audio prompts at TP2xPP2, TP2xPP2xVPP2 and on one rank, plus its
+   recompute reference.  Init std 0.3 (not 0.02) gives peaked logits, so greedy choices are not near-ties.
 Results -> JSON (rank 0); the test compares them, and the Llama ones with transformers.
 """
 
@@ -198,9 +198,8 @@ def main(out_path: str, ckpt: str, cli_args) -> None:
         bf16 = load_llama(cfg, ckpt, "bf16") if name == "tp2pp2" else None
         run_llama(res, name, cfg.model.vocab_size, load_llama(cfg, ckpt), bf16)
         _phase(f"{name} llama")
-        if name == "tp2pp2":
-            run_omni(res, name, cfg.parallel)
-            _phase(f"{name} omni")
+        run_omni(res, name, cfg.parallel)
+        _phase(f"{name} omni")
     # TP1 PP1 (DP4): every rank loads, rank 0 is "the single rank".  The TP2 conversion padded the
     # vocabulary to a multiple of 2 x 128 rows; at TP1 the same padding needs a multiple of 256.
     cfg = init_layout(ckpt, ["model.make_vocab_size_divisible_by=256"])

@@ -6,7 +6,8 @@
   greedy generation at TP2xPP2, TP2xPP2xVPP2 and on one rank == the no-cache full-recompute greedy
   loop == transformers, token for token; log-probs == the recompute's full-vocabulary log-softmax.
 * The omni model with image / audio / text / image+audio prompts (M-RoPE ids continued by the
-  deltas rule): TP2xPP2 == one rank == the no-cache recompute (positions recomputed from scratch).
+  deltas rule): TP2xPP2 and TP2xPP2xVPP2 == one rank == the no-cache recompute (positions
+  recomputed from scratch).
 * Seeded temperature/top-k/top-p sampling draws the same tokens at every layout; stop ids end rows;
   bf16 generates at TP2xPP2 and on one rank.
 """
@@ -85,7 +86,7 @@ def test_greedy_equals_single_rank_and_full_recompute(world):
                 continue
             assert world[key]["tokens"] == ref[model], f"{key} differs from the no-cache recompute"
             assert world[key]["lengths"] == [8] * len(ref[model])
-    assert "tp2pp2/omni/greedy" in world and "tp2pp2vpp2/llama/greedy" in world
+    assert "tp2pp2/omni/greedy" in world and "tp2pp2vpp2/omni/greedy" in world
 
 
 def test_greedy_logprobs_equal_the_training_forwards(world):
