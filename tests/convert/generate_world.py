@@ -129,7 +129,9 @@ def recompute_greedy(model, prompt, media, vocab_size, banned=(), omni=None):
             pos, _ = mrope_position_ids(ids, m.get("image_grid_thw"), None, image_token_id=v.image_pad_id,
                                         video_token_id=v.video_pad_id,
                                         spatial_merge_size=omni[1].vision.spatial_merge_size)
-            logits = model(ids, pos, mask, **m)
+            # the training's packed-row path (THD, or the dense mask) on one segment
+            mask, packed = model.packed_row_attention(torch.tensor([0, S], dtype=torch.int32), 1, S)
+            logits = model(ids, pos, mask, packed_seq_params=packed, **m)
         else:
             logits = model(ids, None, mask)
         full = logits[0, -1].float()  # every output logit (TP padding rows included)
@@ -145,7 +147,8 @@ def recompute_greedy(model, prompt, media, vocab_size, banned=(), omni=None):
     mask = torch.ones(S, S, dtype=torch.bool).triu(1)[None, None]
     labels = torch.tensor([seq[1:]])
     if omni is not None:
-        loss = model(ids, pos[:, :, :S], mask, labels=labels, **m)
+        mask, packed = model.packed_row_attention(torch.tensor([0, S], dtype=torch.int32), 1, S)
+        loss = model(ids, pos[:, :, :S], mask, labels=labels, packed_seq_params=packed, **m)
     else:
         loss = model(ids, None, mask, labels=labels)
     ce = (-loss[0, len(prompt) - 1:]).tolist()

@@ -71,10 +71,10 @@ def test_gspo_step_equals_paper_formula_on_model_logprobs(demo_data, tmp_path):
         model.zero_grad(set_to_none=True)
         logps, olds, advs, masks = [], [], [], []
         for p in planned:
-            batch, mask = stage_inputs(p.batch, {}, model)
-            logits = model(batch.tokens, batch.position_ids, mask, labels=None, pixel_values=None,
-                           image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, audio_features=None,
-                           audio_lengths=None, placeholder_counts=p.batch.count_placeholders(model.vocab.placeholder_ids))
+            batch, mask, packed = stage_inputs(p.batch, {}, model)
+            logits = model(batch.tokens, batch.position_ids, mask, labels=None, packed_seq_params=packed,
+                           pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+                           audio_features=None, audio_lengths=None, placeholder_counts=p.batch.count_placeholders(model.vocab.placeholder_ids))
             lp = torch.log_softmax(logits.double(), dim=-1).gather(-1, batch.labels[..., None]).squeeze(-1)
             logps.append(lp)
             olds.append(p.rollout.old_logp.double())
