@@ -89,6 +89,10 @@ class OmniModel(GPTModel):
             kv_channels=head_dim, rotary_base=gpt_kwargs.get("rotary_base", 10000),
             rope_scaling=gpt_kwargs.get("rope_scaling", False),
             rope_scaling_factor=gpt_kwargs.get("rope_scaling_factor", 8.0))
+        # Never megatron's BSHD CP slice of the freqs (it misses the THD 2*cp chunks): under context
+        # parallelism the positions cover the whole padded stream and megatron's THD rotary maps
+        # them to this rank's chunks by segment offset (`_get_thd_freqs_on_this_cp_rank`).
+        self.rotary_pos_emb.cp_group = None
         self.vocab = vocab
         self.omni = omni
         self.vision = self.audio = None
@@ -131,9 +135,12 @@ class OmniModel(GPTModel):
         audio_features: Optional[Tensor] = None,
         audio_lengths: Optional[Tensor] = None,
         placeholder_counts: Optional[Dict[int, int]] = None,
+        token_index: Optional[Tensor] = None,
     ) -> Tensor:
         """Decoder input [S, B, H] (sequence-parallel scattered when SP is on).  `placeholder_counts`
-        ({pad id: count}, `OmniMicrobatch.count_placeholders`) spares counting the slots on the device."""
+        ({pad id: count}, `OmniMicrobatch.count_placeholders`) spares counting the slots on the device.
+        `token_index` (context parallelism, THD [T, 1, H]): keep these rows of the filled stream (index T =
+        a zero pad row) -- the encoders ran on the whole microbatch's media first."""
         emb = self.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H], not scattered
         x = emb.transpose(0, 1)
         counts = placeholder_counts or {}
@@ -158,6 +165,8 @@ class OmniModel(GPTModel):
             if n_tokens:
                 x = x.masked_scatter(slots.unsqueeze(-1), tokens.to(x.dtype))
         emb = x.transpose(0, 1).contiguous()
+        if token_index is not None:
+            emb = index_with_pad(emb, token_index)
         if self.config.sequence_parallel:
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
         return emb
@@ -198,12 +207,29 @@ class OmniModel(GPTModel):
             input_ids = input_ids.reshape(1, B * S) if input_ids is not None else None
             position_ids = position_ids.reshape(3, 1, B * S)
             labels = labels.reshape(1, B * S) if labels is not None else None
-        decoder_input = self.embed_multimodal(input_ids, **media) if self.pre_process else None
-        out = super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
-                              packed_seq_params=packed_seq_params)
+        split = getattr(packed_seq_params, "cp_split", None)
+        if split is None:
+            decoder_input = self.embed_multimodal(input_ids, **media) if self.pre_process else None
+            out = super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
+                                  labels=labels, packed_seq_params=packed_seq_params)
+        else:  # context parallelism: this rank's tokens of the padded stream (parallel/context_parallel.py)
+            decoder_input = (self.embed_multimodal(input_ids, token_index=split.local_index, **media)
+                             if self.pre_process else None)
+            local = (lambda t: None if t is None else index_with_pad(t[0], split.local_index).unsqueeze(0))
+            stream_positions = index_with_pad(position_ids[:, 0].t(), split.stream_index).t().unsqueeze(1)
+            out = super().forward(local(input_ids), stream_positions, attention_mask, decoder_input=decoder_input,
+                                  labels=local(labels), packed_seq_params=packed_seq_params)
+            if self.post_process:  # back to the stream's places, zero where another rank holds the token
+                out = out[0].new_zeros(B * S + 1, *out.shape[2:]).index_add(0, split.local_index, out[0])
+                out = out[:B * S].unsqueeze(0)
         if packed_seq_params is not None and self.post_process:  # loss [1, T] / logits [1, T, V]
             out = out.reshape(B, S, *out.shape[2:])
         return out
+
+
+def index_with_pad(x: Tensor, index: Tensor) -> Tensor:
+    """Rows `index` of x [T, ...]; index T (a pad token of the CP split) gives a zero row."""
+    return torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, index)
 
 
 def build_omni_chunks(
