@@ -66,11 +66,12 @@ class OmniData:
             for b in batches:
                 b.count_placeholders(unwrap(model[0]).vocab.placeholder_ids)
         # Eq. 5/7 scaling needs every modality's loss units over the whole global batch: target
-        # tokens, or pairs for the DPO stream (its loss is a mean over pairs).
+        # tokens, or pairs for the DPO stream (its loss is a mean over pairs).  Over DP only: the
+        # CP ranks of a replica read the same microbatches.
         units = [torch.ones(b.tokens.shape[0]) if b.modality == PREFERENCE else b.loss_mask for b in batches]
         tokens = all_reduce_modality_tokens(
             local_modality_tokens(plan.microbatch_modalities, units, self.modalities),
-            parallel_state.get_data_parallel_group(with_context_parallel=True))
+            parallel_state.get_data_parallel_group())
         weights = self._effective_weights(plan.modality_weights)
         planned = [PlannedMicrobatch(b, microbatch_loss_scale(b.modality, tokens, weights), dpo_beta=self.dpo.beta)
                    for b in batches]
@@ -139,17 +140,18 @@ class OmniData:
 
     def _dp_sums(self) -> Tuple[float, Dict[str, float]]:
         """(skipped samples, {modality: encoder FLOPs of the step}) summed over the data-parallel
-        group: every rank of a DP replica reads the same data, so each replica counts once."""
+        group: every rank of a DP replica (its TP, PP and CP ranks) reads the same data, so each
+        replica counts once."""
         flops = [self._step_encoder_flops.get(m, 0.0) for m in self.modalities]
         n = torch.tensor([float(getattr(self.source, "skipped_samples", 0)), *flops],
                          dtype=torch.float64, device=torch.cuda.current_device())
-        dist.all_reduce(n, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        dist.all_reduce(n, group=parallel_state.get_data_parallel_group())
         skipped, *summed = n.tolist()
         return skipped, dict(zip(self.modalities, summed))
 
     def tokens_per_modality(self) -> Dict[str, int]:
         """Tokens (rows x seq_length) each modality carried in the last step, over all DP ranks."""
-        rows = self.cfg.train.micro_batch_size * parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+        rows = self.cfg.train.micro_batch_size * parallel_state.get_data_parallel_world_size()
         return {m: n * rows * self.cfg.data.seq_length for m, n in self._step_microbatches.items()}
 
     # ---------------------------------------------------------------- validation / adaptive balance
