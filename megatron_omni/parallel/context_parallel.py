@@ -10,10 +10,11 @@ the rule of Transformer Engine's ``thd_get_partitioned_indices`` (used by megatr
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -90,3 +91,28 @@ def thd_cp_split(cu_seqlens: Tensor, cp_size: int, cp_rank: int, stream_multiple
     return ThdCpSplit(cp_size=cp_size, cp_rank=cp_rank, cu_seqlens_padded=cu_padded, padded_lengths=padded,
                       stream_index=stream, local_index=local, gathered_to_stream=torch.cat(per_rank).argsort(),
                       owned=owned[:total])
+
+
+def cp_item_range(item_tokens: List[int], cp_size: int, cp_rank: int) -> Tuple[int, int]:
+    """[lo, hi): the contiguous run of media items (images / videos / clips, in microbatch order)
+    CP rank `cp_rank` encodes, cut where the running token count crosses k/cp of the total, so the
+    ranks' encoder work is about equal and their gathered outputs are in item order."""
+    total = sum(item_tokens)
+    cum = list(itertools.accumulate(item_tokens))
+    bounds = [0] + [bisect.bisect_left(cum, k * total / cp_size) + (total > 0) for k in range(1, cp_size)]
+    bounds = [min(b, len(item_tokens)) for b in bounds] + [len(item_tokens)]
+    return bounds[cp_rank], bounds[cp_rank + 1]
+
+
+def gather_cp_media_tokens(local: Tensor, item_tokens: List[int], group) -> Tensor:
+    """All-gather over the CP group of each rank's encoder outputs [its items' tokens, H] ->
+    [all tokens, H] in item order (differentiable: megatron's all-gather, whose backward
+    reduce-scatters each rank's rows' gradients back to the rank that encoded them)."""
+    from megatron.core import tensor_parallel
+
+    cp_size = group.size()
+    sizes = []
+    for r in range(cp_size):
+        lo, hi = cp_item_range(item_tokens, cp_size, r)
+        sizes.append(sum(item_tokens[lo:hi]))
+    return tensor_parallel.gather_from_sequence_parallel_region(local, True, group=group, output_split_sizes=sizes)

@@ -118,3 +118,14 @@ def test_bad_omni_cp_configs_are_one_clear_error(overrides, message):
 
 def test_omni_cp2_config_is_valid():
     validate(load_config(str(REPO / "configs/tiny/omni_mock.yaml"), ["parallel.cp=2"]), world_size=2)
+
+
+def test_media_items_split_into_contiguous_runs_of_about_equal_tokens():
+    from megatron_omni.parallel.context_parallel import cp_item_range
+
+    assert [cp_item_range([4, 4, 4, 4], 2, r) for r in range(2)] == [(0, 2), (2, 4)]
+    assert [cp_item_range([10, 1, 1], 2, r) for r in range(2)] == [(0, 1), (1, 3)]
+    assert [cp_item_range([1, 1, 1, 1, 1, 1], 2, r) for r in range(2)] == [(0, 3), (3, 6)]
+    # fewer items than ranks: a rank may encode nothing (it still joins the all-gather)
+    assert [cp_item_range([5], 2, r) for r in range(2)] == [(0, 1), (1, 1)]
+    assert [cp_item_range([], 2, r) for r in range(2)] == [(0, 0), (0, 0)]

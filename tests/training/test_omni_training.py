@@ -65,7 +65,8 @@ def test_cp2_matches_single_rank(tmp_path, single_rank_reference):
     """Context parallelism (issue 14): each packed row's segments split over 2 CP ranks by the 2*cp
     chunk rule (video and audio tokens on both ranks: tests/parallel/test_omni_cp.py), the `torch`
     path's all-gather-KV attention, each rank's loss over the tokens it holds, the gradients reduced
-    over DP x CP.  Without the distributed optimizer every rank holds the whole reduced gradient."""
+    over DP x CP, each rank encoding its share of the media (outputs all-gathered).  Without the
+    distributed optimizer every rank holds the whole reduced gradient."""
     got = _grads(2, tmp_path / "cp2.pt", [f"train.output_dir={tmp_path}", "parallel.cp=2",
                                           "model.packed_attention=torch", "parallel.use_distributed_optimizer=false"])
     _assert_equal_step(got, single_rank_reference)
