@@ -72,6 +72,16 @@ def test_cp2_matches_single_rank(tmp_path, single_rank_reference):
     _assert_equal_step(got, single_rank_reference)
 
 
+@pytest.mark.slow
+def test_tp2_cp2_sequence_parallel_matches_single_rank(tmp_path, single_rank_reference):
+    """TP2 x CP2 with sequence parallel: the padded stream splits over CP, then each rank's share
+    over TP (segments padded so the stream divides by 2*cp*tp)."""
+    got = _grads(4, tmp_path / "tp2cp2.pt", [f"train.output_dir={tmp_path}", "parallel.cp=2", "parallel.tp=2",
+                                             "parallel.sequence_parallel=true", "model.packed_attention=torch",
+                                             "parallel.use_distributed_optimizer=false"])
+    _assert_equal_step(got, single_rank_reference)
+
+
 def test_frozen_modules_get_no_gradient_and_no_optimizer_state(tmp_path):
     # paper Table 2, PT stage 1: only the connectors train
     got = _grads(1, tmp_path / "frozen.pt", [f"train.output_dir={tmp_path}",
