@@ -110,7 +110,8 @@ def throughput(args) -> None:
             while have < target:
                 pd.append(padded.next_microbatch(m))
                 have += _real_tokens(pd[-1])
-            sides = {"packed torch": (step_thd, pk), "packed dense": (step_dense, pk), "pad-to-longest": (step_dense, pd)}
+            sides = {"packed torch": (step_thd, pk), "packed dense": (step_dense, pk),
+                     "pad-to-longest": (step_dense, pd)}
             for step, batches in sides.values():  # warm-up over every shape
                 measure(step, batches)
             runs = [{name: measure(step, batches) for name, (step, batches) in sides.items()}
@@ -123,7 +124,8 @@ def throughput(args) -> None:
                   f"({statistics.mean(map(_samples, pk)):.1f} samples per packed microbatch)")
             packed.close()
             padded.close()
-        print(f"geometric-mean speed-up of packed THD (torch) over pad-to-longest x{statistics.geometric_mean(ratios):.2f}")
+        print("geometric-mean speed-up of packed THD (torch) over pad-to-longest "
+              f"x{statistics.geometric_mean(ratios):.2f}")
 
 
 def main(argv=None) -> int:

@@ -119,8 +119,9 @@ def validate(cfg: RunConfig, world_size: int) -> None:
             "context parallelism); run with TE on GPU or set parallel.cp=1"
         )
     if m.packed_attention == "te" and not detect_kernels(m.transformer_impl).transformer_engine:
-        raise ConfigError("model.packed_attention=te needs Transformer Engine layers (CUDA, transformer-engine[pytorch], "
-                          "model.transformer_impl auto or transformer_engine); use model.packed_attention=auto or torch")
+        raise ConfigError("model.packed_attention=te needs Transformer Engine layers (CUDA, "
+                          "transformer-engine[pytorch], model.transformer_impl auto or transformer_engine); "
+                          "use model.packed_attention=auto or torch")
     _validate_moe(cfg)
     if cfg.omni is not None:
         if cfg.parallel.cp > 1:

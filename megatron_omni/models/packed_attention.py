@@ -7,8 +7,8 @@ reference), the THD path hands the segments to a varlen kernel: no S x S tensor 
 * `PackedCoreAttention` -- megatron's `core_attention` slot (constructor and forward of
   `DotProductAttention`), taking `PackedSeqParams(qkv_format="thd")`: q [T, np, hn], k/v [T, ng, hn]
   (this TP rank's heads; sequence parallel is undone by the QKV projection before it, as in
-  megatron's local spec).  On CUDA `torch.nn.attention.varlen.varlen_attn` (FlashAttention inside
-  torch: GQA, causal, cu_seqlens on the device); elsewhere exact per-segment
+  megatron's local spec).  On CUDA in fp16/bf16 `torch.nn.attention.varlen.varlen_attn` (FlashAttention
+  inside torch: GQA, causal, cu_seqlens on the device); elsewhere (CPU, fp32) exact per-segment
   `scaled_dot_product_attention`, its segment lengths read from the host copy of the boundaries.
 * `packed_attention(q, k, v, cu_seqlens, *, backend=)` -- the same math as a function (the GPU
   check and the tests call it); `BACKENDS` / `available_backends()` name what can run here.
@@ -80,8 +80,8 @@ def resolve_packed_attention(choice: str, te_layers: bool) -> str:
     backend = ("te" if te_layers else "torch") if choice == "auto" else choice
     on_cuda = torch.cuda.is_available() and _varlen_attn() is not None
     where = {"te": "Transformer Engine fused attention on THD (cu_seqlens)",
-             "torch": ("torch varlen_attn (FlashAttention)" if on_cuda else "per-segment scaled_dot_product_attention")
-             + " on THD (cu_seqlens)",
+             "torch": ("torch varlen_attn (FlashAttention; fp32 or attention dropout: per-segment SDPA)" if on_cuda
+                       else "per-segment scaled_dot_product_attention") + " on THD (cu_seqlens)",
              "dense": "dense block-diagonal [S, S] mask (AttnMaskType.arbitrary)"}[backend]
     log.info("packed attention: %s (model.packed_attention=%s)", where, choice)
     return backend
@@ -135,8 +135,9 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, bac
 
     `lengths`: the segment lengths as host ints, so the per-segment path needs no device sync;
     `max_seqlen` likewise for varlen (both are read from `cu_seqlens` when not given)."""
-    if backend == "torch":  # varlen_attn has no dropout: the exact per-segment path then
-        backend = "varlen" if varlen_usable(q.device) and not dropout_p else "sdpa"
+    if backend == "torch":  # varlen_attn runs fp16/bf16 without dropout: else the exact per-segment path
+        flash = varlen_usable(q.device) and q.dtype in (torch.float16, torch.bfloat16) and not dropout_p
+        backend = "varlen" if flash else "sdpa"
     if dropout_p and backend != "sdpa":
         raise ValueError(f"attention dropout is only supported by the per-segment backend, not {backend!r}")
     if backend == "sdpa":
