@@ -82,6 +82,17 @@ def test_tp2_cp2_sequence_parallel_matches_single_rank(tmp_path, single_rank_ref
     _assert_equal_step(got, single_rank_reference)
 
 
+@pytest.mark.slow
+def test_cp2_with_one_media_item_per_microbatch_matches_single_rank(tmp_path):
+    """Rows of 32 tokens hold one image / video / clip each: CP rank 1 encodes nothing and joins the
+    media all-gather (and its backward) with an empty output."""
+    short = ["data.seq_length=32", "model.packed_attention=torch"]
+    ref = _grads(1, tmp_path / "ref.pt", [f"train.output_dir={tmp_path}", *short])
+    got = _grads(2, tmp_path / "cp2.pt", [f"train.output_dir={tmp_path}", *short, "parallel.cp=2",
+                                          "parallel.use_distributed_optimizer=false"])
+    _assert_equal_step(got, ref)
+
+
 def test_frozen_modules_get_no_gradient_and_no_optimizer_state(tmp_path):
     # paper Table 2, PT stage 1: only the connectors train
     got = _grads(1, tmp_path / "frozen.pt", [f"train.output_dir={tmp_path}",
