@@ -10,6 +10,8 @@ reference), the THD path hands the segments to a varlen kernel: no S x S tensor 
   megatron's local spec).  On CUDA in fp16/bf16 `torch.nn.attention.varlen.varlen_attn` (FlashAttention
   inside torch: GQA, causal, cu_seqlens on the device); elsewhere (CPU, fp32) exact per-segment
   `scaled_dot_product_attention`, its segment lengths read from the host copy of the boundaries.
+  Under context parallelism `cp_all_gather_kv_attention`: exact, K/V of the whole padded stream
+  all-gathered over the CP group (per-chunk SDPA; TE's CP attention is the `te` path's).
 * `packed_attention(q, k, v, cu_seqlens, *, backend=)` -- the same math as a function (the GPU
   check and the tests call it); `BACKENDS` / `available_backends()` name what can run here.
 * `resolve_packed_attention(choice)` -- `auto | te | torch | dense` -> what runs, in one log line.

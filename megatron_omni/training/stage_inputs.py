@@ -4,10 +4,11 @@ Every stage needs the M-RoPE positions and how packed samples attend: with the T
 (`model.packed_attention` te / torch) megatron's `PackedSeqParams` over the microbatch's
 cu_seqlens, with `dense` the block-diagonal [B, 1, S, S] mask built from them.  Only the first
 stage embeds, so only it gets the tokens and the media; only the last computes the loss, so only
-it gets labels and loss mask.  With context parallelism the THD parameters carry this rank's token
-split (`parallel/context_parallel.py::thd_cp_split`) and the loss mask keeps the tokens it holds.  The media's size metadata (``image_grid_thw``, ``video_grid_thw``,
+it gets labels and loss mask.  With context parallelism the THD parameters carry this rank's
+token split (`parallel/context_parallel.py::thd_cp_split`, planned on the host) and the loss mask
+keeps the tokens it holds.  The media's size metadata (``image_grid_thw``, ``video_grid_thw``,
 ``audio_lengths``) stays on the host: the encoders plan their work from it (patch positions,
-segment lengths, valid frames) and reading it there is no device sync.  Fields a stage does not
+segment lengths, valid frames, each CP rank's share) and reading it there is no device sync.  Fields a stage does not
 need keep their host tensors (nothing copied).
 
 With virtual pipeline stages every model chunk of a rank runs the same microbatch; the moved

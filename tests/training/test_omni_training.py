@@ -1,7 +1,8 @@
 """The omni model through the training loop (mock packed microbatches of every modality):
 TP2 x PP2 with an uneven first stage and recomputed encoders == the single-rank run (losses per
-modality and the gradient of every module, fp32), and so is CP2; frozen modules get no gradient and no optimizer state; a run
-resumed from its checkpoint continues with the same losses."""
+modality and the gradient of every module, fp32), and so are CP2 and TP2 x CP2 (THD `torch` path);
+frozen modules get no gradient and no optimizer state; a run resumed from its checkpoint continues
+with the same losses."""
 
 from __future__ import annotations
 
