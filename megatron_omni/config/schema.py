@@ -50,6 +50,9 @@ class ModelConfig:
     # attention on THD (cu_seqlens), "torch" = torch varlen_attn on CUDA / per-segment SDPA on CPU on
     # THD, "dense" = block-diagonal [S, S] mask (the reference), "auto" = te when TE imports, else torch.
     packed_attention: str = "auto"  # auto | te | torch | dense
+    # Context parallelism of TE's attention (parallel.cp > 1 on the `te` path; megatron's
+    # TransformerConfig.cp_comm_type); the `torch` path all-gathers K/V instead.
+    cp_comm_type: str = "p2p"  # p2p | a2a | all_gather
     # FP8 (Transformer Engine only): None | "hybrid" (E4M3 fwd, E5M2 bwd) | "e4m3".
     fp8: Optional[str] = None
     fp8_recipe: str = "delayed"  # delayed | tensorwise (current scaling) | mxfp8 | blockwise

@@ -10,6 +10,7 @@ from megatron_omni.models.packed_attention import PACKED_ATTENTION_CHOICES
 _CHOICES = {
     "model.transformer_impl": ("auto", "transformer_engine", "local"),
     "model.packed_attention": PACKED_ATTENTION_CHOICES,
+    "model.cp_comm_type": ("p2p", "a2a", "all_gather"),
     "model.fp8": (None, "hybrid", "e4m3"),
     "model.fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
     "model.recompute_granularity": (None, "full", "selective"),
@@ -112,7 +113,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("model.fp8 needs model.transformer_impl=transformer_engine (or auto with TE installed)")
     if m.fp8 is not None and m.fp8_recipe == "mxfp8":
         _require_blackwell()
-    if p.cp > 1 and not detect_kernels(m.transformer_impl).transformer_engine:
+    if p.cp > 1 and cfg.omni is None and not detect_kernels(m.transformer_impl).transformer_engine:
         raise ConfigError(
             f"parallel.cp={p.cp} needs Transformer Engine attention (megatron's local attention has no "
             "context parallelism); run with TE on GPU or set parallel.cp=1"
@@ -124,8 +125,7 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     _validate_moe(cfg)
     if cfg.omni is not None:
         if cfg.parallel.cp > 1:
-            raise ConfigError("parallel.cp > 1 is not supported for omni runs yet (packed rows use a dense "
-                              "block-diagonal mask); set parallel.cp=1")
+            _validate_omni_cp(cfg)
         if not cfg.data.mock and not (cfg.data.omni_blend and cfg.data.root):
             raise ConfigError("an omni run needs data.omni_blend (a stage blend YAML, e.g. configs/data/pt3.yaml) "
                               "and data.root (its manifests' folder; tools/make_demo_data.py --out DIR builds the "
@@ -145,6 +145,24 @@ _MINIMUMS = (
     ("optimizer.lr_decay_steps", 1, True), ("optimizer.clip_grad", 0, False),
     ("parallel.distributed_timeout_minutes", 1, False),
 )
+
+
+def _validate_omni_cp(cfg: RunConfig) -> None:
+    """Context parallelism of an omni run: THD packed rows split with the 2*cp chunk rule
+    (parallel/context_parallel.py), attention by TE's CP (`te`) or the all-gather-KV `torch` path."""
+    p, m = cfg.parallel, cfg.model
+    te = detect_kernels(m.transformer_impl).transformer_engine
+    backend = ("te" if te else "torch") if m.packed_attention == "auto" else m.packed_attention
+    if backend == "dense":
+        raise ConfigError(f"parallel.cp={p.cp} needs a THD packed attention path (model.packed_attention auto, te or "
+                          "torch): the dense block-diagonal mask has no context parallelism")
+    if p.pp > 1:
+        raise ConfigError(f"parallel.cp={p.cp} with parallel.pp={p.pp} is not supported for omni runs yet: padding "
+                          "each sample to a multiple of 2*cp makes the per-rank token count vary per microbatch, "
+                          "and the pipeline sends fixed shapes; use parallel.pp=1 with cp")
+    if cfg.dpo is not None:
+        raise ConfigError(f"parallel.cp={p.cp} does not run preference (DPO) rows yet: their loss needs whole-sample "
+                          "log-probs, split over the CP ranks; set parallel.cp=1")
 
 
 def _require_blackwell() -> None:

@@ -61,6 +61,7 @@ def transformer_config(
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
         context_parallel_size=parallel.cp,
+        cp_comm_type=model.cp_comm_type if parallel.cp > 1 else None,
         expert_model_parallel_size=parallel.ep,
         sequence_parallel=parallel.sequence_parallel,
         num_layers_in_first_pipeline_stage=parallel.first_stage_num_layers,

@@ -28,18 +28,20 @@ import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
 from megatron_omni.config.schema import OMNI_MODULES, ModelConfig, OmniConfig, ParallelConfig
 from megatron_omni.data.packing import packed_attention_mask
+from megatron_omni.models.audio.config import audio_token_count
 from megatron_omni.models.kernels import detect_kernels
 from megatron_omni.models.llama import gpt_model_kwargs
 from megatron_omni.models.omni_vocab import OmniVocab
 from megatron_omni.models.packed_attention import resolve_packed_attention, thd_packed_seq_params, use_packed_attention
 from megatron_omni.models.rope import MRoPEEmbedding, configure_mrope_attention
+from megatron_omni.parallel.context_parallel import cp_item_range, gather_cp_media_tokens
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,10 @@ class OmniModel(GPTModel):
             kv_channels=head_dim, rotary_base=gpt_kwargs.get("rotary_base", 10000),
             rope_scaling=gpt_kwargs.get("rope_scaling", False),
             rope_scaling_factor=gpt_kwargs.get("rope_scaling_factor", 8.0))
+        # Never megatron's BSHD CP slice of the freqs (it misses the THD 2*cp chunks): under context
+        # parallelism the positions cover the whole padded stream and megatron's THD rotary maps
+        # them to this rank's chunks by segment offset (`_get_thd_freqs_on_this_cp_rank`).
+        self.rotary_pos_emb.cp_group = None
         self.vocab = vocab
         self.omni = omni
         self.vision = self.audio = None
@@ -106,19 +112,49 @@ class OmniModel(GPTModel):
     # ------------------------------------------------------------------ embedding
 
     def _encode_visual(self, pixel_values: Optional[Tensor], grid_thw: Optional[Tensor],
-                       pixel_values_videos: Optional[Tensor], video_grid_thw: Optional[Tensor]):
-        """One NaViT pass over the images and videos of the microbatch -> (image tokens, video tokens)."""
+                       pixel_values_videos: Optional[Tensor], video_grid_thw: Optional[Tensor],
+                       cp_group=None, dtype: Optional[torch.dtype] = None):
+        """One NaViT pass over the images and videos of the microbatch -> (image tokens, video tokens).
+        With `cp_group` this rank encodes only its share of the items (`cp_item_range`) and the
+        outputs (cast to `dtype`) are all-gathered over the CP group."""
         parts = [(p, g) for p, g in ((pixel_values, grid_thw), (pixel_values_videos, video_grid_thw)) if p is not None]
         if not parts:
             return None, None
         if self.vision is None:
             raise ValueError("the microbatch has images/videos but omni.vision is null")
-        out = self.vision(torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts]).long())
+        pixels, grids = torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts]).long()
         m2 = self.vision.cfg.spatial_merge_size ** 2
+        if cp_group is None:
+            out = self.vision(pixels, grids)
+        else:  # grids are host metadata in training: the share is planned without a device sync
+            patches = grids.prod(-1).tolist()
+            item_tokens = [n // m2 for n in patches]
+            lo, hi = cp_item_range(item_tokens, cp_group.size(), cp_group.rank())
+            local = (self.vision(pixels[sum(patches[:lo]):sum(patches[:hi])], grids[lo:hi]).to(dtype) if hi > lo
+                     else _empty_rows(self.vision, self.config.hidden_size, dtype, pixels.device))
+            out = gather_cp_media_tokens(local, item_tokens, cp_group)
         # grid_thw is host metadata in training (training/stage_inputs.py): no device sync
         n_img = int(grid_thw.long().prod(-1).sum()) // m2 if pixel_values is not None else 0
         return (out[:n_img] if pixel_values is not None else None,
                 out[n_img:] if pixel_values_videos is not None else None)
+
+    def _encode_audio(self, features: Tensor, lengths: Optional[Tensor], cp_group=None,
+                      dtype: Optional[torch.dtype] = None) -> Tensor:
+        """Audio tokens of the microbatch's clips (features [B, N, n_mels]); with `cp_group` this
+        rank encodes its share of the clips and the outputs are all-gathered, as `_encode_visual`."""
+        if self.audio is None:
+            raise ValueError("the microbatch has audio but omni.audio is null")
+        if cp_group is None:
+            # Float16Module casts positional inputs only: media keywords arrive fp32 and each encoder
+            # casts them itself (SAN-M after its fp32 CMVN; the vision encoder likewise).
+            return self.audio(features.transpose(1, 2), lengths)[0]
+        if lengths is None:
+            lengths = torch.full((features.shape[0],), features.shape[1], dtype=torch.long)
+        item_tokens = [int(audio_token_count(int(n), self.omni.audio)) for n in lengths.tolist()]  # host
+        lo, hi = cp_item_range(item_tokens, cp_group.size(), cp_group.rank())
+        local = (self.audio(features[lo:hi].transpose(1, 2), lengths[lo:hi])[0].to(dtype) if hi > lo
+                 else _empty_rows(self.audio, self.config.hidden_size, dtype, features.device))
+        return gather_cp_media_tokens(local, item_tokens, cp_group)
 
     def embed_multimodal(
         self,
@@ -131,20 +167,23 @@ class OmniModel(GPTModel):
         audio_features: Optional[Tensor] = None,
         audio_lengths: Optional[Tensor] = None,
         placeholder_counts: Optional[Dict[int, int]] = None,
+        token_index: Optional[Tensor] = None,
     ) -> Tensor:
         """Decoder input [S, B, H] (sequence-parallel scattered when SP is on).  `placeholder_counts`
-        ({pad id: count}, `OmniMicrobatch.count_placeholders`) spares counting the slots on the device."""
+        ({pad id: count}, `OmniMicrobatch.count_placeholders`) spares counting the slots on the device.
+        `token_index` (context parallelism, THD [T, 1, H]): keep these rows of the filled stream (index T =
+        a zero pad row); the encoders then split the media over the CP ranks (no duplicated encoder
+        work) and all-gather their outputs before the placeholders are filled."""
         emb = self.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H], not scattered
         x = emb.transpose(0, 1)
         counts = placeholder_counts or {}
-        image, video = self._encode_visual(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        # context parallelism: each CP rank encodes its share of the media, the outputs all-gathered
+        cp_group = parallel_state.get_context_parallel_group() if token_index is not None else None
+        image, video = self._encode_visual(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                                           cp_group, x.dtype)
         audio = None
         if audio_features is not None:
-            if self.audio is None:
-                raise ValueError("the microbatch has audio but omni.audio is null")
-            # Float16Module casts positional inputs only: media keywords arrive fp32 and each encoder
-            # casts them itself (SAN-M after its fp32 CMVN; the vision encoder likewise).
-            audio, _ = self.audio(audio_features.transpose(1, 2), audio_lengths)
+            audio = self._encode_audio(audio_features, audio_lengths, cp_group, x.dtype)
         for name, pad_id, tokens in (("<image_pad>", self.vocab.image_pad_id, image),
                                      ("<video_pad>", self.vocab.video_pad_id, video),
                                      ("<audio_pad>", self.vocab.audio_pad_id, audio)):
@@ -158,6 +197,8 @@ class OmniModel(GPTModel):
             if n_tokens:
                 x = x.masked_scatter(slots.unsqueeze(-1), tokens.to(x.dtype))
         emb = x.transpose(0, 1).contiguous()
+        if token_index is not None:
+            emb = index_with_pad(emb, token_index)
         if self.config.sequence_parallel:
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
         return emb
@@ -202,13 +243,38 @@ class OmniModel(GPTModel):
             input_ids = input_ids.reshape(1, B * S) if input_ids is not None else None
             position_ids = position_ids.reshape(3, 1, B * S)
             labels = labels.reshape(1, B * S) if labels is not None else None
-        decoder_input = self.embed_multimodal(input_ids, **media) if self.pre_process else None
-        out = super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
-                              packed_seq_params=packed_seq_params, inference_context=inference_context,
-                              runtime_gather_output=runtime_gather_output)
+        split = getattr(packed_seq_params, "cp_split", None)
+        if split is None:
+            decoder_input = self.embed_multimodal(input_ids, **media) if self.pre_process else None
+            out = super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
+                                  labels=labels, packed_seq_params=packed_seq_params,
+                                  inference_context=inference_context, runtime_gather_output=runtime_gather_output)
+        else:  # context parallelism: this rank's tokens of the padded stream (parallel/context_parallel.py)
+            decoder_input = (self.embed_multimodal(input_ids, token_index=split.local_index, **media)
+                             if self.pre_process else None)
+            local = (lambda t: None if t is None else index_with_pad(t[0], split.local_index).unsqueeze(0))
+            stream_positions = index_with_pad(position_ids[:, 0].t(), split.stream_index).t().unsqueeze(1)
+            out = super().forward(local(input_ids), stream_positions, attention_mask, decoder_input=decoder_input,
+                                  labels=local(labels), packed_seq_params=packed_seq_params)
+            if self.post_process:  # back to the stream's places, zero where another rank holds the token
+                out = out[0].new_zeros(B * S + 1, *out.shape[2:]).index_add(0, split.local_index, out[0])
+                out = out[:B * S].unsqueeze(0)
         if packed_seq_params is not None and self.post_process:  # loss [1, T] / logits [1, T, V]
             out = out.reshape(B, S, *out.shape[2:])
         return out
+
+
+def _empty_rows(encoder: torch.nn.Module, hidden: int, dtype: torch.dtype, device) -> Tensor:
+    """[0, hidden] encoder output of a CP rank with no media item to encode, tied to a trainable
+    parameter so that this rank takes part in the all-gather's backward like the others."""
+    rows = torch.zeros(0, hidden, dtype=dtype, device=device)
+    trainable = next((p for p in encoder.parameters() if p.requires_grad), None)
+    return rows if trainable is None else rows + trainable.reshape(-1)[:1].sum().to(dtype) * 0
+
+
+def index_with_pad(x: Tensor, index: Tensor) -> Tensor:
+    """Rows `index` of x [T, ...]; index T (a pad token of the CP split) gives a zero row."""
+    return torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, index)
 
 
 def build_omni_chunks(

@@ -10,6 +10,8 @@ reference), the THD path hands the segments to a varlen kernel: no S x S tensor 
   megatron's local spec).  On CUDA in fp16/bf16 `torch.nn.attention.varlen.varlen_attn` (FlashAttention
   inside torch: GQA, causal, cu_seqlens on the device); elsewhere (CPU, fp32) exact per-segment
   `scaled_dot_product_attention`, its segment lengths read from the host copy of the boundaries.
+  Under context parallelism `cp_all_gather_kv_attention`: exact, K/V of the whole padded stream
+  all-gathered over the CP group (per-chunk SDPA; TE's CP attention is the `te` path's).
 * `packed_attention(q, k, v, cu_seqlens, *, backend=)` -- the same math as a function (the GPU
   check and the tests call it); `BACKENDS` / `available_backends()` name what can run here.
 * `resolve_packed_attention(choice)` -- `auto | te | torch | dense` -> what runs, in one log line.
@@ -35,6 +37,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
+
+from megatron_omni.parallel.context_parallel import ThdCpSplit
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +171,16 @@ def use_packed_attention(layer_spec, backend: str) -> None:
 @dataclass
 class PackedSeqParamsWithLengths(PackedSeqParams):
     """megatron's `PackedSeqParams` + the segment lengths as host ints, read once per microbatch
-    (the per-segment attention of every layer needs them on the host)."""
+    (the per-segment attention of every layer needs them on the host), and with context
+    parallelism the rank's token split (`parallel/context_parallel.py::ThdCpSplit`, on the device)."""
 
     segment_lengths: Optional[List[int]] = None
+    cp_split: Optional[ThdCpSplit] = None
 
 
 def thd_packed_seq_params(cu_seqlens_host: Tensor, cu_seqlens: Optional[Tensor] = None,
-                          backend: str = "torch") -> PackedSeqParamsWithLengths:
+                          backend: str = "torch", cp_split: Optional[ThdCpSplit] = None
+                          ) -> PackedSeqParamsWithLengths:
     """megatron's THD parameters of a packed stream (an omni microbatch's B rows back to back).
 
     `cu_seqlens` is the device copy (what the attention kernels read; default: the host one); the
@@ -181,13 +188,60 @@ def thd_packed_seq_params(cu_seqlens_host: Tensor, cu_seqlens: Optional[Tensor] 
     them).  For the `torch` backend `cu_seqlens_*_padded` are the host copy (no padding between
     segments: the same values): megatron's THD rotary reads the boundaries on the host
     (`.tolist()`, `.item()` per segment, per layer) and prefers the padded ones -- host reads, no
-    device sync.  TE reads the padded boundaries on the device, so they stay unset there."""
-    lengths = host_lengths(cu_seqlens_host)
-    cu = cu_seqlens if cu_seqlens is not None else cu_seqlens_host
-    padded = cu_seqlens_host if backend == "torch" else None
+    device sync.  TE reads the padded boundaries on the device, so they stay unset there.
+
+    With `cp_split` (context parallelism) the segments are the padded ones of the split: the
+    rotary maps the full padded stream's freqs to this rank's chunks by those boundaries; `torch`
+    attends the padded segments (pad tokens follow their segment's tokens, so causal attention
+    hides them), TE gets the real boundaries and the padded ones on the device."""
+    if cp_split is not None:
+        padded_host = cp_split.cu_seqlens_padded
+        lengths = list(cp_split.padded_lengths)
+        if backend == "torch":
+            cu, padded = padded_host, padded_host
+        else:
+            device = cu_seqlens.device if cu_seqlens is not None else padded_host.device
+            cu = cu_seqlens if cu_seqlens is not None else cu_seqlens_host
+            padded = padded_host.to(device, non_blocking=True)
+    else:
+        lengths = host_lengths(cu_seqlens_host)
+        cu = cu_seqlens if cu_seqlens is not None else cu_seqlens_host
+        padded = cu_seqlens_host if backend == "torch" else None
     return PackedSeqParamsWithLengths(
         qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded,
-        max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths), segment_lengths=lengths)
+        max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths), segment_lengths=lengths, cp_split=cp_split)
+
+
+def cp_all_gather_kv_attention(q: Tensor, k: Tensor, v: Tensor, split: ThdCpSplit, group, *, causal: bool = True,
+                               scale: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
+    """Exact context-parallel attention of this rank's tokens (`split`: 2*cp chunk order) by
+    all-gathering K and V of the whole padded stream over the CP group: each local query chunk k of
+    a segment attends that segment's keys [0, (k+1)*c) causally (c = chunk length), nothing else.
+    The gather is megatron's sequence-parallel all-gather along dim 0, whose backward
+    reduce-scatters the K/V gradients back to the ranks holding those tokens.  q [T/cp, H, D]."""
+    k_all = tensor_parallel.gather_from_sequence_parallel_region(k, True, group=group)
+    v_all = tensor_parallel.gather_from_sequence_parallel_region(v, True, group=group)
+    k_stream = k_all.index_select(0, split.gathered_to_stream)
+    v_stream = v_all.index_select(0, split.gathered_to_stream)
+    gqa = q.shape[1] != k.shape[1]
+    cp, rank = split.cp_size, split.cp_rank
+    out, q_start = [], 0
+    for seg_start, n in zip(split.cu_seqlens_padded[:-1].tolist(), split.padded_lengths):
+        c = n // (2 * cp)
+        for chunk in (rank, 2 * cp - 1 - rank):
+            qc = q[q_start:q_start + c]
+            q_start += c
+            kv_end = seg_start + ((chunk + 1) * c if causal else n)
+            kc, vc = k_stream[seg_start:kv_end], v_stream[seg_start:kv_end]
+            mask = None
+            if causal:  # query a (segment position chunk*c + a) sees keys 0 .. chunk*c + a
+                mask = (torch.arange(kc.shape[0], device=q.device).unsqueeze(0)
+                        <= torch.arange(chunk * c, (chunk + 1) * c, device=q.device).unsqueeze(1))
+            o = F.scaled_dot_product_attention(
+                qc.transpose(0, 1).unsqueeze(0), kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+            out.append(o.squeeze(0).transpose(0, 1))
+    return torch.cat(out)
 
 
 class PackedCoreAttention(MegatronModule):
@@ -203,12 +257,11 @@ class PackedCoreAttention(MegatronModule):
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
                  pg_collection: Optional[ProcessGroupCollection] = None):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("PackedCoreAttention (model.packed_attention=torch) does not run context "
-                             "parallelism yet; use parallel.cp=1")
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         tp = pg_collection.tp.size()
+        # context parallelism: the exact all-gather-KV attention (cp_comm_type is TE's, not used here)
+        self.cp_group = pg_collection.cp if config.context_parallel_size > 1 else None
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
@@ -238,7 +291,15 @@ class PackedCoreAttention(MegatronModule):
         # megatron's DotProductAttention: dropout under the TP RNG tracker unless sequence parallel
         rng = (tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p and not self.config.sequence_parallel
                else contextlib.nullcontext())
+        split = getattr(packed_seq_params, "cp_split", None)
+        if self.cp_group is not None and split is None:
+            raise ValueError("PackedCoreAttention under context parallelism needs the rank's token split "
+                             "(PackedSeqParamsWithLengths.cp_split, training/stage_inputs.py builds it)")
         with rng:
+            if self.cp_group is not None:
+                out = cp_all_gather_kv_attention(query, key, value, split, self.cp_group, causal=mask_type in _CAUSAL,
+                                                 scale=self.softmax_scale, dropout_p=dropout_p)
+                return out.reshape(out.shape[0], self.hidden_size_per_partition)
             out = packed_attention(query, key, value, packed_seq_params.cu_seqlens_q, backend="torch",
                                    max_seqlen=packed_seq_params.max_seqlen_q, causal=mask_type in _CAUSAL,
                                    scale=self.softmax_scale, dropout_p=dropout_p, lengths=lengths)

@@ -129,7 +129,7 @@ def gather_full_model(chunks: Iterable[torch.nn.Module], *, grads: bool = False)
             full = gather(local.detach().float(), param, tp_group, gated=id(param) in gated)
             # One copy of each: DP rank 0 for dense parameters, expert-DP rank 0 for experts.
             dp_rank = (parallel_state.get_expert_data_parallel_rank() if is_expert_parallel(param)
-                       else parallel_state.get_data_parallel_rank())
+                       else parallel_state.get_data_parallel_rank(with_context_parallel=True))
             if parallel_state.get_tensor_model_parallel_rank() == 0 and dp_rank == 0:
                 mine[name] = full.cpu().clone()
     everything = [None] * dist.get_world_size()

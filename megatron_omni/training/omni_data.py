@@ -67,11 +67,12 @@ class OmniData:
             for b in batches:
                 b.count_placeholders(unwrap(model[0]).vocab.placeholder_ids)
         # Eq. 5/7 scaling needs every modality's loss units over the whole global batch: target
-        # tokens, or pairs for the DPO stream (its loss is a mean over pairs).
+        # tokens, or pairs for the DPO stream (its loss is a mean over pairs).  Over DP only: the
+        # CP ranks of a replica read the same microbatches.
         units = [torch.ones(b.tokens.shape[0]) if b.modality == PREFERENCE else b.loss_mask for b in batches]
         tokens = all_reduce_modality_tokens(
             local_modality_tokens(plan.microbatch_modalities, units, self.modalities),
-            parallel_state.get_data_parallel_group(with_context_parallel=True))
+            parallel_state.get_data_parallel_group())
         weights = self._effective_weights(plan.modality_weights)
         planned = [PlannedMicrobatch(b, microbatch_loss_scale(b.modality, tokens, weights), dpo_beta=self.dpo.beta)
                    for b in batches]
@@ -148,14 +149,14 @@ class OmniData:
     def _dp_sums(self) -> Tuple[float, Dict[str, int], Dict[str, int], Dict[str, float]]:
         """(skipped samples, {modality: skips}, {modality: distinct bad samples}, {modality: encoder
         FLOPs of the step}) summed over the data-parallel group in one all-reduce: every rank of a
-        DP replica reads the same data, so each replica counts once."""
+        DP replica (its TP, PP and CP ranks) reads the same data, so each replica counts once."""
         ms = self.modalities
         skips = getattr(self.source, "skipped_by_modality", dict)()  # occurrences (mock data: none)
         bad = getattr(self.source, "bad_samples", dict)()  # distinct samples
         n = torch.tensor([float(getattr(self.source, "skipped_samples", 0)), *(float(skips.get(m, 0)) for m in ms),
                           *(float(bad.get(m, 0)) for m in ms), *(self._step_encoder_flops.get(m, 0.0) for m in ms)],
                          dtype=torch.float64, device=torch.cuda.current_device())
-        dist.all_reduce(n, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        dist.all_reduce(n, group=parallel_state.get_data_parallel_group())
         values = n.tolist()
         k = len(ms)
         return (values[0], {m: int(v) for m, v in zip(ms, values[1:1 + k])},
@@ -163,7 +164,7 @@ class OmniData:
 
     def tokens_per_modality(self) -> Dict[str, int]:
         """Tokens (rows x seq_length) each modality carried in the last step, over all DP ranks."""
-        rows = self.cfg.train.micro_batch_size * parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+        rows = self.cfg.train.micro_batch_size * parallel_state.get_data_parallel_world_size()
         return {m: n * rows * self.cfg.data.seq_length for m, n in self._step_microbatches.items()}
 
     # ---------------------------------------------------------------- validation / adaptive balance

@@ -1,7 +1,8 @@
 """The omni model through the training loop (mock packed microbatches of every modality):
 TP2 x PP2 with an uneven first stage and recomputed encoders == the single-rank run (losses per
-modality and the gradient of every module, fp32); frozen modules get no gradient and no optimizer state; a run
-resumed from its checkpoint continues with the same losses."""
+modality and the gradient of every module, fp32), and so are CP2 and TP2 x CP2 (THD `torch` path);
+frozen modules get no gradient and no optimizer state; a run resumed from its checkpoint continues
+with the same losses."""
 
 from __future__ import annotations
 
@@ -35,11 +36,18 @@ def _assert_equal_step(got, ref):
         assert (g - g_ref).abs().max().item() <= REL_TOL * scale, name
 
 
-def test_tp2_pp2_matches_single_rank(tmp_path):
+@pytest.fixture(scope="module")
+def single_rank_reference(tmp_path_factory):
+    """The single-rank run with the dense block-diagonal mask: the reference of the parallel runs."""
+    out = tmp_path_factory.mktemp("reference")
+    return _grads(1, out / "ref.pt", [f"train.output_dir={out}", "model.packed_attention=dense"])
+
+
+def test_tp2_pp2_matches_single_rank(tmp_path, single_rank_reference):
     """The reference is the single-rank dense block-diagonal mask; TP2 x PP2 runs it with the same
     dense mask and with the THD path (`torch`: per-segment SDPA, no S x S tensor) + sequence parallel."""
     common = [f"train.output_dir={tmp_path}"]
-    ref = _grads(1, tmp_path / "ref.pt", common + ["model.packed_attention=dense"])
+    ref = single_rank_reference
     # encoders + embedding + 1 decoder layer on stage 0, 3 layers on stage 1; the parallel run
     # recomputes the encoders' layers (what the 72B plan launches), which must not change the math
     layout = ["parallel.tp=2", "parallel.pp=2", "parallel.first_stage_num_layers=1",
@@ -52,6 +60,38 @@ def test_tp2_pp2_matches_single_rank(tmp_path):
     for backend, extra in (("dense", []), ("torch", ["parallel.sequence_parallel=true"])):
         got = _grads(4, tmp_path / f"{backend}.pt", common + layout + [f"model.packed_attention={backend}", *extra])
         _assert_equal_step(got, ref)
+
+
+def test_cp2_matches_single_rank(tmp_path, single_rank_reference):
+    """Context parallelism (issue 14): each packed row's segments split over 2 CP ranks by the 2*cp
+    chunk rule (video and audio tokens on both ranks: tests/parallel/test_omni_cp.py), the `torch`
+    path's all-gather-KV attention, each rank's loss over the tokens it holds, the gradients reduced
+    over DP x CP, each rank encoding its share of the media (outputs all-gathered).  Without the
+    distributed optimizer every rank holds the whole reduced gradient."""
+    got = _grads(2, tmp_path / "cp2.pt", [f"train.output_dir={tmp_path}", "parallel.cp=2",
+                                          "model.packed_attention=torch", "parallel.use_distributed_optimizer=false"])
+    _assert_equal_step(got, single_rank_reference)
+
+
+@pytest.mark.slow
+def test_tp2_cp2_sequence_parallel_matches_single_rank(tmp_path, single_rank_reference):
+    """TP2 x CP2 with sequence parallel: the padded stream splits over CP, then each rank's share
+    over TP (segments padded so the stream divides by 2*cp*tp)."""
+    got = _grads(4, tmp_path / "tp2cp2.pt", [f"train.output_dir={tmp_path}", "parallel.cp=2", "parallel.tp=2",
+                                             "parallel.sequence_parallel=true", "model.packed_attention=torch",
+                                             "parallel.use_distributed_optimizer=false"])
+    _assert_equal_step(got, single_rank_reference)
+
+
+@pytest.mark.slow
+def test_cp2_with_one_media_item_per_microbatch_matches_single_rank(tmp_path):
+    """Rows of 32 tokens hold one image / video / clip each: CP rank 1 encodes nothing and joins the
+    media all-gather (and its backward) with an empty output."""
+    short = ["data.seq_length=32", "model.packed_attention=torch"]
+    ref = _grads(1, tmp_path / "ref.pt", [f"train.output_dir={tmp_path}", *short])
+    got = _grads(2, tmp_path / "cp2.pt", [f"train.output_dir={tmp_path}", *short, "parallel.cp=2",
+                                          "parallel.use_distributed_optimizer=false"])
+    _assert_equal_step(got, ref)
 
 
 def test_frozen_modules_get_no_gradient_and_no_optimizer_state(tmp_path):
