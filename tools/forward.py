@@ -149,12 +149,7 @@ def run_one(load: str, ids_path: Optional[str], output: str, model_yaml, args: a
             if inner.pre_process:
                 item.count_placeholders(inner.vocab.placeholder_ids)
             mb, mask, packed = stage_inputs(item, {}, inner)
-            media = {}
-            if inner.pre_process:
-                media = dict(pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw,
-                             pixel_values_videos=mb.pixel_values_videos, video_grid_thw=mb.video_grid_thw,
-                             audio_features=mb.audio_features, audio_lengths=mb.audio_lengths,
-                             placeholder_counts=mb.placeholder_counts)
+            media = mb.media_inputs() if inner.pre_process else {}
             output = chunk(mb.tokens if inner.pre_process else None, mb.position_ids, mask,
                            packed_seq_params=packed, **media)
         else:

@@ -109,6 +109,13 @@ class OmniMicrobatch:
             self.placeholder_counts = have = {**have, **dict(zip(missing, counts))}
         return {i: have[i] for i in ids}
 
+    def media_inputs(self) -> Dict[str, object]:
+        """The first pipeline stage's keywords of `OmniModel.embed_multimodal` (media and their sizes)."""
+        return dict(pixel_values=self.pixel_values, image_grid_thw=self.image_grid_thw,
+                    pixel_values_videos=self.pixel_values_videos, video_grid_thw=self.video_grid_thw,
+                    audio_features=self.audio_features, audio_lengths=self.audio_lengths,
+                    placeholder_counts=self.placeholder_counts)
+
     @property
     def max_seqlen(self) -> int:
         return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())

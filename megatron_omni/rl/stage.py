@@ -38,6 +38,7 @@ from megatron_omni.rl.advantages import group_advantages
 from megatron_omni.rl.loss import GSPO_REPORTS, LOGPROBS, RolloutTargets
 from megatron_omni.rl.rewards import combined_reward
 from megatron_omni.rl.rollout import PromptSource, RolloutEncoder
+from megatron_omni.training.omni_data import sum_reports
 from megatron_omni.training.omni_step import PlannedMicrobatch, omni_forward_step
 from megatron_omni.training.step import LM_LOSS, run_schedule
 
@@ -210,17 +211,7 @@ class GSPOData:
     # ---------------------------------------------------------------- metrics (loop interface)
 
     def step_metrics(self, losses_reduced: List[Dict[str, torch.Tensor]]) -> Dict[str, object]:
-        names = (LM_LOSS,) + GSPO_REPORTS
-        totals = torch.zeros(len(names), 2, dtype=torch.float64, device=torch.cuda.current_device())
-        for item in losses_reduced:
-            for i, name in enumerate(names):
-                if name in item:
-                    totals[i] += item[name].to(totals.dtype)
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
-        t = {name: totals[i].cpu().tolist() for i, name in enumerate(names)}
+        t = {name: v.tolist() for name, v in sum_reports(losses_reduced, [LM_LOSS, *GSPO_REPORTS]).items()}
 
         def mean(name):
             s, n = t[name]

@@ -41,6 +41,22 @@ from megatron_omni.training.step import LM_LOSS
 log = logging.getLogger(__name__)
 
 
+def sum_reports(losses_reduced: List[Dict[str, torch.Tensor]], names: List[str]) -> Dict[str, torch.Tensor]:
+    """{report name: [sum, count]} of the step's microbatch reports (megatron's `losses_reduced`)
+    summed over microbatches and DP x CP, identical on every rank (one all-reduce on the last
+    pipeline stage + one broadcast over the pipeline)."""
+    totals = torch.zeros(len(names), 2, dtype=torch.float64, device=torch.cuda.current_device())
+    for item in losses_reduced:
+        for i, name in enumerate(names):
+            if name in item:
+                totals[i] += item[name].to(totals.dtype)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return {name: totals[i].cpu() for i, name in enumerate(names)}
+
+
 class OmniData:
     forward_step_func = staticmethod(omni_forward_step)
 
@@ -114,19 +130,7 @@ class OmniData:
             MODALITY_LOSS_PREFIX + m for m in self.modalities]
 
     def reduce_reports(self, losses_reduced: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        """{report name: [loss_sum, tokens]} summed over microbatches and DP, identical on every rank
-        (one all-reduce on the last stage + one broadcast over the pipeline)."""
-        names = self.report_names()
-        totals = torch.zeros(len(names), 2, dtype=torch.float64, device=torch.cuda.current_device())
-        for item in losses_reduced:
-            for i, name in enumerate(names):
-                if name in item:
-                    totals[i] += item[name].to(totals.dtype)
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
-        return {name: totals[i].cpu() for i, name in enumerate(names)}
+        return sum_reports(losses_reduced, self.report_names())
 
     def step_metrics(self, losses_reduced: List[Dict[str, torch.Tensor]]) -> Dict[str, object]:
         totals = self.reduce_reports(losses_reduced)

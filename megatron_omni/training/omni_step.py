@@ -117,12 +117,7 @@ def omni_forward_step(data_iterator: Iterator[PlannedMicrobatch], model: torch.n
     if inner.pre_process:  # python ints counted on the host copy; a no-op when the data side did it
         planned.batch.count_placeholders(inner.vocab.placeholder_ids)
     batch, mask, packed_seq_params = stage_inputs(planned.batch, planned.device_cache, inner)
-    media = {}
-    if inner.pre_process:
-        media = dict(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-                     pixel_values_videos=batch.pixel_values_videos, video_grid_thw=batch.video_grid_thw,
-                     audio_features=batch.audio_features, audio_lengths=batch.audio_lengths,
-                     placeholder_counts=batch.placeholder_counts)
+    media = batch.media_inputs() if inner.pre_process else {}
     if inner.config.num_moe_experts:  # routing statistics per modality (Uni-MoE 2.0 style backbone)
         from megatron_omni.models.moe.stats import set_current_modality
 
