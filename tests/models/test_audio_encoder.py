@@ -258,7 +258,6 @@ def _tp_worker(path):
     destroy_distributed()
 
 
-@pytest.mark.slow
 def test_tp2_equals_tp1(world, tmp_path):
     from tests.helpers.launch import torchrun
 

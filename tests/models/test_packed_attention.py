@@ -144,7 +144,7 @@ def test_core_attention_in_megatron_attention_equals_dense_mask(world):
     torch.testing.assert_close(xt.grad, xd.grad, rtol=1e-5, atol=1e-5)
     for (name, p_d), p_t in zip(dense.named_parameters(), thd.parameters()):
         torch.testing.assert_close(p_t.grad, p_d.grad, rtol=1e-5, atol=1e-5, msg=name)
-    with pytest.raises(ValueError, match="THD inputs only"):
+    with pytest.raises(ValueError, match="runs packed THD inputs"):
         thd(x, attention_mask=None, rotary_pos_emb=freqs)
 
 
