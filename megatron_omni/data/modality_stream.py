@@ -347,6 +347,12 @@ class ModalityStream:
             else:
                 self._buffer.add(key, sample)
 
+    def settle(self) -> None:
+        """Wait for the samples the decode threads are building (kept for the next requests), so
+        that no thread of this stream runs during a fork."""
+        for _, future in self._ahead:
+            future.exception()  # waits; a failure stays in the future for `_next_sample`
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)

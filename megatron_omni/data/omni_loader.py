@@ -83,12 +83,11 @@ class OmniLoader:
             p.load_state_dict(state[name])
 
     def pause_prefetch(self) -> None:
-        """Stop the background threads (dropping what they built ahead) before the process forks:
-        megatron's checkpoint writer forks writer processes, and a fork taken while a decoding
-        thread holds a lock (DALI, torch, malloc) deadlocks the child.  The next request restarts
-        the threads from the consumed position, so the microbatch sequence is unchanged."""
+        """Stop the background threads before the process forks: megatron's checkpoint writer
+        forks writer processes, and a fork taken while a decoding thread holds a lock (DALI,
+        torch, malloc) deadlocks the child.  What they built ahead is kept for the next requests."""
         for p in self._prefetch.values():
-            p.load_state_dict(p.state_dict())
+            p.pause()
 
     # ---------------------------------------------------------------- metrics
     def skipped_by_reason(self) -> Dict[str, int]:

@@ -4,7 +4,8 @@ A producer thread builds microbatches ahead into a bounded queue; each item carr
 state *after* it was built.  The consumer remembers the state of the last microbatch it took, so
 `state_dict()` is the position before the first unconsumed microbatch however far the thread has
 run ahead.  `load_state_dict()` stops the thread, drops what it built and restarts from the
-restored position.  Decoding (PIL, torchaudio, DALI) releases the GIL, so the thread overlaps
+restored position; `pause()` stops the thread (before a fork) but keeps what it built, so a
+checkpoint costs no re-decoding.  Decoding (PIL, torchaudio, DALI) releases the GIL, so the thread overlaps
 with the training step.
 """
 
@@ -13,7 +14,8 @@ from __future__ import annotations
 import copy
 import queue
 import threading
-from typing import Any, Dict, Optional, Protocol
+from collections import deque
+from typing import Any, Deque, Dict, Optional, Protocol
 
 __all__ = ["PrefetchingStream"]
 
@@ -24,6 +26,9 @@ class _Stream(Protocol):
     def state_dict(self) -> Dict[str, Any]: ...
 
     def load_state_dict(self, state: Dict[str, Any]) -> None: ...
+
+    def settle(self) -> None:
+        """Wait until no helper thread of the stream is running (nothing in flight)."""
 
 
 class _Failure:
@@ -40,6 +45,9 @@ class PrefetchingStream:
         self._queue: Optional[queue.Queue] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        # Built by a paused thread and not yet consumed, in order: (microbatch, state after it).
+        self._kept: Deque[Any] = deque()
+        self._unqueued: Optional[Any] = None  # the item the thread held when it was stopped
 
     # The producer owns `self.stream` while it runs; nothing else touches the stream then.
     def _produce(self, q: queue.Queue, stop: threading.Event) -> None:
@@ -48,12 +56,14 @@ class PrefetchingStream:
                 item: Any = (self.stream.next_microbatch(), self.stream.state_dict())
             except BaseException as exc:  # handed to the consumer, raised there
                 item = _Failure(exc)
-            while not stop.is_set():
+            while True:
                 try:
                     q.put(item, timeout=0.05)
                     break
                 except queue.Full:
-                    continue
+                    if stop.is_set():  # kept for `pause()`: the stream has already moved past it
+                        self._unqueued = item
+                        return
             if isinstance(item, _Failure):
                 return
 
@@ -66,20 +76,39 @@ class PrefetchingStream:
         self._thread.start()
 
     def stop(self) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._thread = self._queue = None
+        """Stop the thread and drop what it built (the stream is then ahead of the consumer)."""
+        self._halt()
+        self._kept.clear()
+
+    def _halt(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            while not self._queue.empty():
+                self._kept.append(self._queue.get_nowait())
+            if self._unqueued is not None:
+                self._kept.append(self._unqueued)
+                self._unqueued = None
+            self._thread = self._queue = None
+        self.stream.settle()
+
+    def pause(self) -> None:
+        """Stop every thread (a fork taken while a decoding thread holds a lock -- DALI, torch,
+        malloc -- deadlocks the child) and keep what was built: the next requests take it first,
+        then the thread restarts where the stream stands, so the microbatch sequence is unchanged."""
+        self._halt()
 
     def next_microbatch(self) -> Any:
-        if self.depth <= 0:
+        if self._kept:
+            item = self._kept.popleft()
+        elif self.depth <= 0:
             batch = self.stream.next_microbatch()
             self._consumed_state = self.stream.state_dict()
             return batch
-        if self._thread is None:
-            self._start()
-        item = self._queue.get()
+        else:
+            if self._thread is None:
+                self._start()
+            item = self._queue.get()
         if isinstance(item, _Failure):
             self.stop()
             raise item.exc
