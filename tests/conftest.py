@@ -24,3 +24,18 @@ def demo_data(tmp_path_factory):
     subprocess.run([sys.executable, "tools/make_demo_data.py", "--out", str(out)], cwd=REPO, check=True,
                    capture_output=True, timeout=300)
     return out
+
+
+FAULT_STEPS = ["train.steps=4", "train.save_interval=1"]
+
+
+@pytest.fixture(scope="session")
+def four_checkpoints(tmp_path_factory, data_cache):
+    """One 1-rank run of the tiny text Llama (configs/tiny/llm.yaml), 4 steps with a checkpoint after
+    every step (copy it before changing it): the fault tests' checkpoints, and a language-model-only
+    checkpoint for the omni tests."""
+    from tests.helpers.launch import train
+
+    out = tmp_path_factory.mktemp("four_checkpoints")
+    train(1, out, FAULT_STEPS, cache_dir=data_cache)
+    return out

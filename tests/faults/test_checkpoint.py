@@ -12,7 +12,7 @@ import torch
 
 from megatron_omni.training.ckpt_integrity import MANIFEST, file_crc32, verify_files
 from tests.helpers.launch import metrics, train
-from tests.faults.conftest import FAULT_STEPS
+from tests.conftest import FAULT_STEPS
 
 
 def _copy(src, dst):

@@ -58,11 +58,20 @@ def test_resume_continues_the_same_microbatches(demo, tmp_path):
         assert y["tokens"] == x["tokens"]
 
 
-def test_stage_chain_pt1_to_pt2(demo, tmp_path):
-    pt1, pt2 = tmp_path / "pt1", tmp_path / "pt2"
-    short = ["train.steps=2", "train.save_interval=2", "train.eval_interval=null"]
-    _run(1, pt1, short, demo, config="configs/tiny/stages/pt1.yaml")
-    proc = _run(1, pt2, short + [f"train.pretrained_checkpoint={pt1 / 'checkpoints'}"], demo,
+SHORT = ["train.steps=2", "train.save_interval=2", "train.eval_interval=null"]
+
+
+@pytest.fixture(scope="module")
+def pt1(demo, tmp_path_factory):
+    """Two PT-1 steps (connectors only) on the demo data: the checkpoint the later stages start from."""
+    out = tmp_path_factory.mktemp("pt1")
+    _run(1, out, SHORT, demo, config="configs/tiny/stages/pt1.yaml")
+    return out
+
+
+def test_stage_chain_pt1_to_pt2(demo, pt1, tmp_path):
+    pt2 = tmp_path / "pt2"
+    proc = _run(1, pt2, SHORT + [f"train.pretrained_checkpoint={pt1 / 'checkpoints'}"], demo,
                 config="configs/tiny/stages/pt2.yaml")
     assert "weights only" in proc.stdout, proc.stdout[-3000:]
     rows = metrics(pt2)
@@ -71,11 +80,10 @@ def test_stage_chain_pt1_to_pt2(demo, tmp_path):
     assert set(first[0]["losses"]) == {"image", "audio"}  # PT-1: image + audio
 
 
-def test_llm_only_checkpoint_into_an_omni_run_is_a_clear_error(tmp_path):
+def test_llm_only_checkpoint_into_an_omni_run_is_a_clear_error(four_checkpoints, tmp_path):
     """A text Llama checkpoint (what hf-to-mcore writes) has no encoders and a smaller vocabulary:
     the omni run refuses it up front, naming what is missing and what to do."""
-    llm = tmp_path / "llm"
-    train(1, llm, ["train.steps=1", "train.save_interval=1"], cache_dir=tmp_path / "cache")
+    llm = four_checkpoints  # the tiny text Llama of configs/tiny/llm.yaml
     proc = train(1, tmp_path / "omni", ["train.steps=1", f"train.pretrained_checkpoint={llm / 'checkpoints'}",
                                         "data.seq_length=96", "train.micro_batch_size=1", "train.global_batch_size=5"],
                  cache_dir=tmp_path / "cache", config="configs/tiny/omni_mock.yaml", check=False)
@@ -85,18 +93,15 @@ def test_llm_only_checkpoint_into_an_omni_run_is_a_clear_error(tmp_path):
     assert "language-model-only checkpoint" in err and "embedding.word_embeddings.weight (" in err
 
 
-def test_alignment_tuning_dpo_with_lora_from_a_checkpoint(demo, tmp_path):
+def test_alignment_tuning_dpo_with_lora_from_a_checkpoint(demo, pt1, tmp_path):
     """AT (Eq. 2) at PP2: LoRA adapters added to a checkpoint that has none (B = 0, so the policy
     starts equal to the reference: the first DPO loss is exactly ln 2 through the pipelined
     reference pass), only adapters train, instruction losses carry lambda = 0.3."""
     import math
 
-    base = tmp_path / "base"
-    train(1, base, ["train.steps=1", "train.save_interval=1", "data.seq_length=128", "train.micro_batch_size=1"], cache_dir=tmp_path / "c",
-          config="configs/tiny/omni_mock.yaml")
     at = tmp_path / "at"
     proc = _run(2, at, ["parallel.pp=2", "train.steps=2", "train.eval_interval=null", "data.seq_length=512",
-                        f"train.pretrained_checkpoint={base / 'checkpoints'}"], demo,
+                        f"train.pretrained_checkpoint={pt1 / 'checkpoints'}"], demo,
                 config="configs/tiny/stages/at.yaml")
     assert "weights only" in proc.stdout and "LoRA: rank" in proc.stdout
     rows = metrics(at)
