@@ -16,9 +16,8 @@ from megatron_omni.data.chat_template import ChatTemplate
 from megatron_omni.data.manifest import check_media, read_manifest
 from megatron_omni.data.sample_builder import build_preference_pair, build_sample
 from megatron_omni.data.tokenizer import SentencePieceTokenizer
-from megatron_omni.models.audio.config import AudioConfig, audio_token_count
+from megatron_omni.config.encoders import AudioConfig, VisionConfig, audio_token_count
 from megatron_omni.models.omni_vocab import OmniVocab
-from megatron_omni.models.vision.config import VisionConfig
 from megatron_omni.models.vision.encoder import merged_token_counts
 
 REPO = Path(__file__).resolve().parents[2]

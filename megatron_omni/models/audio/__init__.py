@@ -1,7 +1,7 @@
 """Audio encoders (Whisper-style on megatron-core layers; Paraformer-style SANM with LFR) and the
 audio connector.  `audio_token_count` is the one length rule shared by models and data."""
 
-from megatron_omni.models.audio.config import AudioConfig, audio_token_count, encoder_frame_count
+from megatron_omni.config.encoders import AudioConfig, audio_token_count, encoder_frame_count
 from megatron_omni.models.audio.connector import AudioConnector
 from megatron_omni.models.audio.sanm import SANMEncoder, lfr_stack
 from megatron_omni.models.audio.whisper import WhisperStyleEncoder, encoder_transformer_config, build_audio_encoder

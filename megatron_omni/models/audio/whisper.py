@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from megatron_omni.models.kernels import megatron_softmax_kernels
 from megatron_omni.models.encoder_config import bidirectional_encoder_config
-from megatron_omni.models.audio.config import AudioConfig, encoder_frame_count
+from megatron_omni.config.encoders import AudioConfig, encoder_frame_count
 from megatron_omni.models.audio.connector import AudioConnector, ConnectedAudioEncoder, frame_mask
 
 
