@@ -27,7 +27,6 @@ from megatron_omni.config.typed import (  # noqa: F401  (ConfigError, from_dict:
     _unknown_key_message,
     _unwrap_optional,
     from_dict,
-    load_section_file,
 )
 
 
