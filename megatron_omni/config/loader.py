@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from megatron_omni.config.schema import RunConfig
-from megatron_omni.config.typed import (  # noqa: F401  (ConfigError, from_dict: the loader's public names)
+from megatron_omni.config.typed import (  # noqa: F401  (ConfigError, from_dict, load_section_file: public here too)
     ConfigError,
     _deep_merge,
     _read_yaml,
@@ -27,6 +27,7 @@ from megatron_omni.config.typed import (  # noqa: F401  (ConfigError, from_dict:
     _unknown_key_message,
     _unwrap_optional,
     from_dict,
+    load_section_file,
 )
 
 
