@@ -96,6 +96,32 @@ def test_stage_blends_resolve_against_demo_root(demo, stage):
     assert dict(held) == {m: n for m, n in blend.validation.items() if n}
 
 
+def test_sample_positions_equal_hf_qwen2_vl_rope_index(built, setup):
+    """The M-RoPE positions the trainer gets (sample_builder, per sample) == transformers' Qwen2-VL
+    `get_rope_index` on the same tokens and grids, image / video tokens typed as such and the audio
+    placeholders as text (M2-omni gives audio 1D positions)."""
+    qwen2_vl = pytest.importorskip("transformers.models.qwen2_vl.modeling_qwen2_vl")
+    from types import SimpleNamespace
+
+    vocab, merge = setup["vocab"], setup["vision"].spatial_merge_size
+
+    class HFModel:  # what get_rope_index reads of the model
+        get_vision_position_ids = qwen2_vl.Qwen2VLModel.get_vision_position_ids
+        config = SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=merge, tokens_per_second=None))
+
+    checked = 0
+    for _, samples in built:
+        for s in samples:
+            if s.image_grid_thw is None and s.video_grid_thw is None:
+                continue  # HF's vision-free branch is the plain 1D arange: checked in test_every_sample_builds
+            ids = s.tokens[None]
+            types = (ids == vocab.image_pad_id).int() + 2 * (ids == vocab.video_pad_id).int()
+            ref, _ = qwen2_vl.Qwen2VLModel.get_rope_index(HFModel(), ids, types, s.image_grid_thw, s.video_grid_thw)
+            assert torch.equal(s.position_ids, ref[:, 0]), s.sample_id
+            checked += 1
+    assert checked >= 20  # images, videos, interleaved, image + audio rows of the demo set
+
+
 def test_every_sample_builds(built, setup):
     vocab, vision, audio = setup["vocab"], setup["vision"], setup["audio"]
     per_task = Counter()
