@@ -9,13 +9,14 @@ Nodes are the package's modules (`pkg/__init__.py` is the node `pkg`).  Edge rul
   parent package (`a.b`) whose `__init__` Python runs for it -- except the importer's own parent
   packages, which have already started running when the importer runs (so a package `__init__`
   re-exporting its submodules is not a cycle with each of them, while `training.loop` importing
-  `profiling.profiler` does run `profiling/__init__`, and everything that imports).  The top
+  `profiling.profiler` does run `profiling/__init__` and so everything that `__init__` imports).  The top
   package `megatron_omni` is everyone's parent.
 * `from a.b import x` where `a.b.x` is a module: an edge to `a.b.x`.
 * `from a.b import x` where `x` is a name defined or re-exported by `a/b/__init__.py`: an edge
   to the module the name comes from (the `__init__`'s own `from m import x` is followed), or to
   `a.b` itself when the `__init__` defines it.
-* Imports under `if TYPE_CHECKING:` never run, so they are not edges.
+* Imports under `if TYPE_CHECKING:` never run, so they are not edges.  `importlib.import_module`
+  with a string is not seen (gpu_check's group registry; no cycle passes through it).
 
 A cycle is a strongly connected component with more than one module (Tarjan's algorithm).
 """
@@ -180,18 +181,21 @@ class ImportGraph:
 
 def test_graph_sees_relative_lazy_and_reexported_imports(tmp_path):
     """The edge rules on a small package: a relative import, a function-level one, a name re-exported
-    by a package `__init__` (edge to the defining module), and a TYPE_CHECKING import (no edge)."""
+    by a foreign package's `__init__` (edges to the defining module and that `__init__`), a sibling
+    in the importer's own package (no edge to the `__init__`), a TYPE_CHECKING import (no edge)."""
     pkg = tmp_path / PACKAGE
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "sub" / "__init__.py").write_text("from megatron_omni.sub.impl import Thing\n")
     (pkg / "sub" / "impl.py").write_text("def f():\n    from ..user import g\n")
+    (pkg / "sub" / "sibling.py").write_text("from megatron_omni.sub.impl import Thing\n")
     (pkg / "user.py").write_text("from megatron_omni.sub import Thing\n")
     (pkg / "typed.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import user\n")
     graph = ImportGraph(pkg)
     # the name's module, and the foreign package whose __init__ runs to import it
     assert graph.edges["megatron_omni.user"] == {"megatron_omni.sub.impl", "megatron_omni.sub"}
     assert graph.edges["megatron_omni.sub.impl"] == {"megatron_omni.user"}
+    assert graph.edges["megatron_omni.sub.sibling"] == {"megatron_omni.sub.impl"}  # its own package: no edge
     assert graph.edges["megatron_omni.typed"] == set()
     assert graph.edges["megatron_omni.sub"] == {"megatron_omni.sub.impl"}
     assert graph.cycles() == [frozenset({"megatron_omni.user", "megatron_omni.sub.impl", "megatron_omni.sub"})]
