@@ -36,8 +36,7 @@ import numpy as np  # noqa: E402
 from megatron_omni.data.media import load_audio, load_video, synth  # noqa: E402
 from megatron_omni.data.media.pyav_decode import decode_audio as pyav_decode_audio  # noqa: E402
 from megatron_omni.data.media.pyav_decode import probe_video  # noqa: E402
-from megatron_omni.models.audio.config import AudioConfig  # noqa: E402
-from megatron_omni.models.vision.config import VisionConfig  # noqa: E402
+from megatron_omni.config.encoders import AudioConfig, VisionConfig  # noqa: E402
 
 
 def timed_group(contenders: Dict[str, Callable[[], int]], min_seconds: float) -> Dict[str, tuple]:

@@ -39,7 +39,7 @@ def main() -> None:
     from megatron_omni.convert.mcore_io import megatron_world
     from megatron_omni.models.init import init_weights_layout_invariant
     from megatron_omni.models.llama import build_llama_chunks
-    from megatron_omni.models.moe.config import MoEConfig
+    from megatron_omni.config.moe import MoEConfig
 
     E = args.experts
     rows = []

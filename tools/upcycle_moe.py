@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     from megatron_omni.config import ConfigError, load_config, validate
     from megatron_omni.config.loader import load_section_file
     from megatron_omni.config.schema import ModelConfig
-    from megatron_omni.models.moe.upcycle import upcycle
+    from megatron_omni.training.upcycle import upcycle
     from megatron_omni.parallel.initialize import destroy_distributed, initialize_distributed, set_random_seeds
     from megatron_omni.train import setup_logging
 

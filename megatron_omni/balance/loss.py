@@ -25,7 +25,7 @@ masks), and all-reduces them over the same group megatron reduces ``num_tokens``
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,6 @@ __all__ = [
     "all_reduce_modality_tokens",
     "local_modality_tokens",
     "microbatch_loss_scale",
-    "weighted_modality_objective",
 ]
 
 
@@ -78,23 +77,3 @@ def microbatch_loss_scale(modality: str, global_tokens: Mapping[str, int], weigh
         return 0.0
     total = sum(int(v) for v in global_tokens.values())
     return float(weights[modality]) * total / t_i
-
-
-def weighted_modality_objective(
-    records: Iterable[Tuple[str, torch.Tensor, torch.Tensor]], weights: Mapping[str, float]
-) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """J = sum_i w_i * (sum loss_sum / sum tokens) over (modality, loss_sum, token_count) records.
-
-    The definition of the objective, for logging and as the reference the scaled losses are
-    tested against.  Returns (J, {modality: L_i}).
-    """
-    sums: Dict[str, torch.Tensor] = {}
-    tokens: Dict[str, torch.Tensor] = {}
-    for modality, loss_sum, count in records:
-        sums[modality] = sums.get(modality, 0) + loss_sum
-        tokens[modality] = tokens.get(modality, 0) + count
-    means = {m: sums[m] / tokens[m] for m in sums if float(tokens[m]) > 0}
-    if not means:
-        raise ValueError("no modality has loss-carrying tokens in this update")
-    objective = sum(float(weights[m]) * loss for m, loss in means.items())
-    return objective, means

@@ -11,12 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from megatron_omni.models.audio.config import AudioConfig
-from megatron_omni.models.vision.config import VisionConfig
 from megatron_omni.balance.config import SchedulerConfig
-from megatron_omni.training.dpo import DPOConfig
+from megatron_omni.config.encoders import AudioConfig, VisionConfig
+from megatron_omni.config.moe import MoEConfig
 from megatron_omni.rl.config import GSPOConfig
-from megatron_omni.models.moe.config import MoEConfig
+
+# `model.packed_attention` values; `auto` resolves to `te` or `torch` (models/packed_attention.py).
+PACKED_ATTENTION_CHOICES = ("auto", "te", "torch", "dense")
 
 
 @dataclass
@@ -61,7 +62,7 @@ class ModelConfig:
     recompute_granularity: Optional[str] = None  # None | full | selective
     recompute_method: Optional[str] = None  # uniform | block (with full)
     recompute_num_layers: Optional[int] = None
-    # Mixture-of-experts MLPs (models/moe/config.py); None = dense SwiGLU MLPs.
+    # Mixture-of-experts MLPs (config/moe.py); None = dense SwiGLU MLPs.
     moe: Optional[MoEConfig] = None
 
     @property
@@ -216,6 +217,15 @@ class LoRAConfig:
     alpha: Optional[float] = None  # None = rank (scale 1)
     dropout: float = 0.0
     targets: List[str] = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+
+
+@dataclass
+class DPOConfig:
+    """The alignment-tuning loss of M2-omni (Sec. 2.2, Eq. 2): L_dpo + lambda * L_it (training/dpo.py)."""
+
+    beta: float = 0.1  # DPO temperature; not in the M2-omni paper (Rafailov et al. use 0.1-0.5)
+    it_weight: float = 0.3  # lambda of Eq. 2 ("we empirically set lambda to 0.3")
+    lora_fraction: float = 0.05  # "LoRA to update 5.0% of the LLM's backbone weights" (Sec. 2.2)
 
 
 # Modules that can be frozen one by one (paper Table 2 "trainable modules" per stage).

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from megatron_omni.config.loader import ConfigError
-from megatron_omni.config.schema import RunConfig
-from megatron_omni.models.kernels import detect_kernels
-from megatron_omni.models.packed_attention import PACKED_ATTENTION_CHOICES
+from megatron_omni.config.schema import PACKED_ATTENTION_CHOICES, RunConfig
+from megatron_omni.config.typed import ConfigError
 
 _CHOICES = {
     "model.transformer_impl": ("auto", "transformer_engine", "local"),
@@ -113,12 +111,12 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("model.fp8 needs model.transformer_impl=transformer_engine (or auto with TE installed)")
     if m.fp8 is not None and m.fp8_recipe == "mxfp8":
         _require_blackwell()
-    if p.cp > 1 and cfg.omni is None and not detect_kernels(m.transformer_impl).transformer_engine:
+    if p.cp > 1 and cfg.omni is None and not _transformer_engine(m.transformer_impl):
         raise ConfigError(
             f"parallel.cp={p.cp} needs Transformer Engine attention (megatron's local attention has no "
             "context parallelism); run with TE on GPU or set parallel.cp=1"
         )
-    if m.packed_attention == "te" and not detect_kernels(m.transformer_impl).transformer_engine:
+    if m.packed_attention == "te" and not _transformer_engine(m.transformer_impl):
         raise ConfigError("model.packed_attention=te needs Transformer Engine layers (CUDA, "
                           "transformer-engine[pytorch], model.transformer_impl auto or transformer_engine); "
                           "use model.packed_attention=auto or torch")
@@ -147,11 +145,19 @@ _MINIMUMS = (
 )
 
 
+def _transformer_engine(transformer_impl: str) -> bool:
+    """Whether the layers will be Transformer Engine's here.  A probe of the installed kernels (torch and
+    importlib only), imported when a check needs it so that `import megatron_omni.config` stays a leaf."""
+    from megatron_omni.models.kernels import detect_kernels
+
+    return detect_kernels(transformer_impl).transformer_engine
+
+
 def _validate_omni_cp(cfg: RunConfig) -> None:
     """Context parallelism of an omni run: THD packed rows split with the 2*cp chunk rule
     (parallel/context_parallel.py), attention by TE's CP (`te`) or the all-gather-KV `torch` path."""
     p, m = cfg.parallel, cfg.model
-    te = detect_kernels(m.transformer_impl).transformer_engine
+    te = _transformer_engine(m.transformer_impl)
     backend = ("te" if te else "torch") if m.packed_attention == "auto" else m.packed_attention
     if backend == "dense":
         raise ConfigError(f"parallel.cp={p.cp} needs a THD packed attention path (model.packed_attention auto, te or "

@@ -7,10 +7,11 @@
 
 The mapping is declarative (`mapping.py`; one table per family, `llama.py`; registry in
 `registry.py`); conversions stream tensor by tensor and refuse, listing every problem,
-before writing anything (`convert.py`).  CLI: tools/convert_checkpoint.py.
+before writing anything (`convert.py`; what every conversion shares, `common.py`).  CLI: tools/convert_checkpoint.py.
 """
 
-from megatron_omni.convert.convert import Layout, find_model_config, hf_to_mcore, mcore_to_hf, reshard
+from megatron_omni.convert.common import Layout, find_model_config
+from megatron_omni.convert.convert import hf_to_mcore, mcore_to_hf, reshard
 from megatron_omni.convert.errors import ConversionError
 from megatron_omni.convert.mapping import Dims, ModelTable, Rule
 from megatron_omni.convert.registry import TABLES, register, table_for_hf_config, table_named

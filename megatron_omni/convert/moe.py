@@ -33,7 +33,7 @@ from megatron_omni.convert.errors import ConversionError
 from megatron_omni.convert.llama import RULES as LLAMA_RULES
 from megatron_omni.convert.llama import DROPS, TIED_COPIES, _rope
 from megatron_omni.convert.mapping import GATE_UP, Binding, Dims, ModelTable, Rule, Transform
-from megatron_omni.models.moe.config import MoEConfig
+from megatron_omni.config.moe import MoEConfig
 
 QWEN2_MOE = "Qwen2MoeForCausalLM"
 NULL_MOE = "MegatronOmniMoEForCausalLM"

@@ -28,7 +28,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from megatron_omni.config.schema import ModelConfig, OmniConfig
 from megatron_omni.convert import mcore_io
-from megatron_omni.convert.convert import (
+from megatron_omni.convert.common import (
     HF_SOURCE,
     MODEL_FILE,
     _atomic_output,

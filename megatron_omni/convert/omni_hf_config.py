@@ -14,9 +14,8 @@ from typing import Dict, List, Optional
 
 from megatron_omni.config.schema import ModelConfig, OmniConfig
 from megatron_omni.convert.llama import LLAMA
-from megatron_omni.models.audio.config import AudioConfig
+from megatron_omni.config.encoders import AudioConfig, VisionConfig
 from megatron_omni.models.omni_vocab import SPECIAL_TOKENS, OmniVocab
-from megatron_omni.models.vision.config import VisionConfig
 
 ARCHITECTURE = "MegatronOmniForCausalLM"
 # config.json key holding the exact {model, omni} bundle, so that hf-to-mcore reads the folder back as it was.

@@ -35,7 +35,7 @@ import yaml
 from megatron_omni.config.loader import ConfigError, from_dict
 from megatron_omni.config.schema import ModelConfig, OmniConfig, ParallelConfig
 from megatron_omni.convert import mcore_io
-from megatron_omni.convert.convert import (
+from megatron_omni.convert.common import (
     CONVERSION_FILE,
     HF_SOURCE,
     MODEL_FILE,

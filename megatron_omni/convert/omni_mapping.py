@@ -28,9 +28,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from megatron_omni.models.audio.config import AudioConfig
+from megatron_omni.config.encoders import AudioConfig, VisionConfig
 from megatron_omni.models.audio.hf_whisper import fuse_qkv
-from megatron_omni.models.vision.config import VisionConfig
 from megatron_omni.models.vision.hf_weights import qkv_hf_to_megatron, qkv_megatron_to_hf
 
 Shape = Tuple[int, ...]

@@ -20,7 +20,7 @@ import torch
 from megatron_omni.config.loader import ConfigError, from_dict
 from megatron_omni.config.schema import ModelConfig, OmniConfig
 from megatron_omni.convert import mcore_io
-from megatron_omni.convert.convert import (
+from megatron_omni.convert.common import (
     Layout,
     _atomic_output,
     _check_output,

@@ -28,8 +28,7 @@ from megatron_omni.convert.omni_mapping import (
     vision_table,
     whisper_table,
 )
-from megatron_omni.models.audio.config import AudioConfig
-from megatron_omni.models.vision.config import VisionConfig
+from megatron_omni.config.encoders import AudioConfig, VisionConfig
 
 Shape = Tuple[int, ...]
 

@@ -15,9 +15,8 @@ from megatron_omni.data.omni_batch import OmniMicrobatch
 from megatron_omni.data.packing import collate_rows
 from megatron_omni.data.sample_builder import build_sample
 from megatron_omni.data.tokenizer import ChatTokenizer
-from megatron_omni.models.audio.config import AudioConfig
+from megatron_omni.config.encoders import AudioConfig, VisionConfig
 from megatron_omni.models.omni_vocab import OmniVocab
-from megatron_omni.models.vision.config import VisionConfig
 
 
 def text_microbatches(ids: np.ndarray, micro_batch_size: int) -> List[OmniMicrobatch]:

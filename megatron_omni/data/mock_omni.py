@@ -18,7 +18,7 @@ import torch
 
 from megatron_omni.config.schema import OmniConfig
 from megatron_omni.data.omni_batch import OmniMicrobatch
-from megatron_omni.models.audio.config import audio_token_count
+from megatron_omni.config.encoders import audio_token_count
 from megatron_omni.models.omni_vocab import OmniVocab
 from megatron_omni.models.rope import mrope_position_ids
 

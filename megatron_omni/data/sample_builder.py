@@ -18,10 +18,9 @@ from megatron_omni.data.manifest import ManifestRow
 from megatron_omni.data.media import load_audio, load_image, load_video
 from megatron_omni.data.omni_batch import OmniSample
 from megatron_omni.data.tokenizer import ChatTokenizer
-from megatron_omni.models.audio.config import AudioConfig, audio_token_count
+from megatron_omni.config.encoders import AudioConfig, VisionConfig, audio_token_count
 from megatron_omni.models.omni_vocab import OmniVocab
 from megatron_omni.models.rope import mrope_position_ids
-from megatron_omni.models.vision.config import VisionConfig
 from megatron_omni.models.vision.encoder import merged_token_counts
 
 __all__ = ["DecodedMedia", "build_sample", "build_preference_pair", "decode_media", "rendered_sample"]

@@ -28,7 +28,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from megatron_omni.data.omni_batch import OmniSample
-from megatron_omni.models.audio.config import AudioConfig, audio_token_count
+from megatron_omni.config.encoders import AudioConfig, audio_token_count
 from megatron_omni.models.omni_vocab import OmniVocab
 
 __all__ = ["MODALITIES", "SyntheticSource", "synthetic_sample"]

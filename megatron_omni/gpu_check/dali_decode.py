@@ -53,7 +53,7 @@ def _check(ctx: CheckContext) -> CheckResult:
     from megatron_omni.data import dali
     from megatron_omni.data.media import synth
     from megatron_omni.data.media.image import load_image
-    from megatron_omni.models.vision.config import VisionConfig
+    from megatron_omni.config.encoders import VisionConfig
 
     vision = VisionConfig.from_yaml(config_path("model", "vision_tiny.yaml"))
     numbers: Dict[str, Dict] = {"dali_device": dali.device()}

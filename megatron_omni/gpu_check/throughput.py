@@ -86,7 +86,7 @@ def planner_prediction(ctx: CheckContext, cfg, transformer_engine: bool) -> Dict
 
 def plan(ctx: CheckContext) -> Dict[str, Dict]:
     from megatron_omni.config import load_config
-    from megatron_omni.models.vision.config import VisionConfig
+    from megatron_omni.config.encoders import VisionConfig
     from megatron_omni.training import encoder_flops, flops
 
     overrides, seq, gbs = llm_job(ctx)
@@ -149,7 +149,7 @@ def _vit(ctx: CheckContext) -> CheckResult:
     import torch
 
     from megatron_omni.config.schema import ParallelConfig
-    from megatron_omni.models.vision.config import VisionConfig
+    from megatron_omni.config.encoders import VisionConfig
     from megatron_omni.models.vision.encoder import NaViTEncoder
     from megatron_omni.parallel.initialize import initialize_distributed
     from megatron_omni.training import encoder_flops, flops

@@ -7,8 +7,9 @@
 * fp8_recipes: 20 training steps of the tiny Llama in FP8 (hybrid E4M3/E5M2) with delayed and with
   current (tensorwise) scaling vs 20 bf16 steps of the same seed: every loss finite, the last loss
   within 5 % of bf16's.
-* fused_mrope: TE's fused RoPE kernel vs megatron's unfused rotation on M-RoPE frequencies
-  (models/rope.py apply_mrope fused=True/False), output and input gradient, fp32 and bf16.
+* fused_mrope: TE's fused RoPE kernel vs megatron's unfused rotation on M-RoPE frequencies (the omni
+  model's `MRoPEEmbedding`; megatron's `apply_rotary_pos_emb` with apply_rope_fusion on / off, batch 1),
+  output and input gradient, fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -160,23 +161,33 @@ def _fp8(ctx: CheckContext) -> CheckResult:
 
 
 def _fused_mrope(ctx: CheckContext) -> CheckResult:
-    import torch
+    from types import SimpleNamespace
 
-    from megatron_omni.models.rope import apply_mrope, fused_mrope_available, mrope_freqs
+    import torch
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megatron_omni.models.rope import MRoPEEmbedding
 
     seq, heads, dim, section = 512, 8, 128, [16, 24, 24]
     gen = torch.Generator().manual_seed(0)
     pos = torch.randint(0, 64, (3, 1, seq), generator=gen).cuda()
-    freqs = mrope_freqs(pos, section, kv_channels=dim, rotary_base=1000000)
-    if not fused_mrope_available(freqs):
+    freqs = MRoPEEmbedding(kv_channels=dim, rotary_base=1000000, device=pos.device)(pos, section)
+    if rope_utils.fused_apply_rotary_pos_emb is None:
         return skipped("fused_mrope", "megatron found no fused RoPE kernel (fused_apply_rotary_pos_emb is None)")
+    one_rank = SimpleNamespace(size=lambda: 1, rank=lambda: 0)  # no context parallelism
+
+    def rotate(t, fused: bool):  # the fields of the attention's TransformerConfig that the rotation reads
+        config = SimpleNamespace(apply_rope_fusion=fused, mrope_section=section, rotary_interleaved=False,
+                                 multi_latent_attention=False)
+        return rope_utils.apply_rotary_pos_emb(t, freqs, config, cp_group=one_rank)
+
     numbers, ok = {}, True
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         base = torch.randn(seq, 1, heads, dim, generator=gen).cuda().to(dtype)
         outs, grads = [], []
         for fused in (True, False):
             t = base.clone().requires_grad_()
-            out = apply_mrope(t, freqs, fused=fused)
+            out = rotate(t, fused)
             out.float().pow(2).sum().backward()
             outs.append(out.detach().float())
             grads.append(t.grad.float())

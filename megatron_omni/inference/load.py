@@ -29,7 +29,7 @@ def inference_config(load: str, model_yaml: Optional[str] = None, overrides: Seq
                      default_precision: Optional[str] = None) -> RunConfig:
     """The RunConfig to build the checkpoint's model with (see module docstring).
     `default_precision` replaces the run's `train.precision` unless an override sets it."""
-    from megatron_omni.convert.convert import HF_SOURCE
+    from megatron_omni.convert.common import HF_SOURCE
     from megatron_omni.convert.mcore_io import resolve_iteration
     from megatron_omni.convert.omni_import import find_omni_config
 

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from megatron_omni.config.schema import OMNI_MODULES, ModelConfig, OmniConfig, ParallelConfig
 from megatron_omni.data.packing import packed_attention_mask
-from megatron_omni.models.audio.config import audio_token_count
+from megatron_omni.config.encoders import audio_token_count
 from megatron_omni.models.kernels import detect_kernels
 from megatron_omni.models.llama import gpt_model_kwargs
 from megatron_omni.models.omni_vocab import OmniVocab

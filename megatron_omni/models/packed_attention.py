@@ -38,12 +38,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
 
+from megatron_omni.config.schema import PACKED_ATTENTION_CHOICES
 from megatron_omni.parallel.context_parallel import ThdCpSplit
 
 log = logging.getLogger(__name__)
 
-# `model.packed_attention` values; `auto` resolves to `te` or `torch`.
-PACKED_ATTENTION_CHOICES = ("auto", "te", "torch", "dense")
 # Functional backends of `packed_attention`: `torch` = `varlen` on CUDA, `sdpa` elsewhere.
 BACKENDS = ("torch", "sdpa", "varlen", "dense")
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)

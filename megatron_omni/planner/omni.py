@@ -34,8 +34,7 @@ from megatron_omni.balance import ModalityRoundScheduler, SchedulerConfig
 from megatron_omni.balance.config import TEXT
 from megatron_omni.config.loader import ConfigError
 from megatron_omni.config.schema import OMNI_MODULES, OmniConfig, RunConfig
-from megatron_omni.models.audio.config import AudioConfig, audio_token_count, encoder_frame_count
-from megatron_omni.models.vision.config import VisionConfig
+from megatron_omni.config.encoders import AudioConfig, VisionConfig, audio_token_count, encoder_frame_count
 from megatron_omni.training.encoder_flops import (
     audio_forward_flops_by_module,
     module_passes,

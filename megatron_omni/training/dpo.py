@@ -12,33 +12,19 @@ same network with its LoRA adapters switched off (`models.lora.adapters_disabled
 
 megatron's GPTModel, given labels, returns the per-token cross-entropy [b, s] (computed by the
 vocab-parallel cross entropy, so it is the full-vocabulary value on every TP rank): the
-per-token log-probability is its negative, ``sequence_logprobs(-output, loss_mask)``.
+per-token log-probability is its negative, summed per sample by `training.omni_step.pair_logprobs`.
+The lambda of Eq. 2 is a loss weight: the step scales the instruction-tuning microbatches by
+`dpo.it_weight` (`training/omni_data.py`, `balance/loss.py`), the preference ones by 1.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DPOConfig", "alignment_loss", "dpo_loss", "sequence_logprobs"]
-
-
-@dataclass
-class DPOConfig:
-    beta: float = 0.1  # DPO temperature; not in the M2-omni paper (Rafailov et al. use 0.1-0.5)
-    it_weight: float = 0.3  # lambda of Eq. 2 ("we empirically set lambda to 0.3")
-    lora_fraction: float = 0.05  # "LoRA to update 5.0% of the LLM's backbone weights" (Sec. 2.2)
-
-
-def sequence_logprobs(per_token_logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of the response tokens' log-probabilities per sequence: [b, s] x [b, s] -> [b]."""
-    if per_token_logprobs.shape != loss_mask.shape:
-        raise ValueError(f"log-probs {tuple(per_token_logprobs.shape)} and loss mask "
-                         f"{tuple(loss_mask.shape)} must have the same [batch, seq] shape")
-    return (per_token_logprobs.float() * loss_mask.float()).sum(dim=-1)
+__all__ = ["dpo_loss"]
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
@@ -67,8 +53,3 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         "accuracy": (margin.detach() > 0).float().mean(),
     }
     return loss, metrics
-
-
-def alignment_loss(dpo: torch.Tensor, it: torch.Tensor, lam: float = 0.3) -> torch.Tensor:
-    """Eq. 2: L_dpo + lambda * L_it (L_it: the instruction-tuning mean token loss)."""
-    return dpo + lam * it

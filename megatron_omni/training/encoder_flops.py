@@ -20,8 +20,7 @@ from typing import Dict
 import torch
 
 from megatron_omni.config.schema import OMNI_MODULES, OmniConfig
-from megatron_omni.models.audio.config import AudioConfig, audio_token_count, encoder_frame_count
-from megatron_omni.models.vision.config import VisionConfig
+from megatron_omni.config.encoders import AudioConfig, VisionConfig, audio_token_count, encoder_frame_count
 from megatron_omni.training.flops import FMA_FACTOR, FWD_BWD_FACTOR, attention_forward_flops, mlp_forward_flops
 
 

@@ -22,9 +22,8 @@ from megatron.core import parallel_state
 
 from megatron_omni.balance import ModalityRoundScheduler, SchedulerConfig
 from megatron_omni.balance.loss import all_reduce_modality_tokens, local_modality_tokens, microbatch_loss_scale
-from megatron_omni.config.schema import RunConfig
+from megatron_omni.config.schema import DPOConfig, RunConfig
 from megatron_omni.parallel.layout import unwrap
-from megatron_omni.training.dpo import DPOConfig
 from megatron_omni.training.encoder_flops import encoder_training_flops
 from megatron_omni.training.omni_step import (
     AUDIO_GEN_LOSS,

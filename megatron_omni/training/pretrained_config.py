@@ -47,7 +47,7 @@ def architecture_differences(run_model: ModelConfig, run_omni: Optional[OmniConf
 def check_converted_architecture(cfg: RunConfig, root: str) -> None:
     """ConfigError naming every architecture field in which `cfg` differs from the converted omni
     checkpoint at `root` (a checkpoints root holding model.yaml); nothing to check for other checkpoints."""
-    from megatron_omni.convert.convert import MODEL_FILE
+    from megatron_omni.convert.common import MODEL_FILE
     from megatron_omni.convert.omni_import import LLM_FILE, OMNI_FILE, find_omni_config
 
     if os.path.basename(os.path.normpath(root)).startswith("iter_"):

@@ -16,7 +16,6 @@ from megatron_omni.balance.loss import (
     all_reduce_modality_tokens,
     local_modality_tokens,
     microbatch_loss_scale,
-    weighted_modality_objective,
 )
 from megatron_omni.balance.scheduler import ModalityRoundScheduler
 
@@ -67,18 +66,15 @@ def test_scaled_microbatch_losses_give_weighted_sum_of_modality_gradients():
 
     # Tested path: megatron's per-token-loss accumulation.
     model = _model()
-    records = []
     for mbs in batches:  # DP ranks: their gradients are summed (all-reduce)
         for m, tokens, labels, mask in mbs:
             loss_sum = (_token_losses(model, tokens, labels) * mask).sum()
-            records.append((m, loss_sum.detach(), mask.sum()))
             (microbatch_loss_scale(m, global_tokens, w) * loss_sum / total).backward()
     got = [p.grad.clone() for p in model.parameters()]
 
     # Independent reference: per modality, its mean token loss over all its tokens, own backward.
     ref_model = _model()
     ref = [torch.zeros_like(p) for p in ref_model.parameters()]
-    ref_losses = {}
     for m in cfg.modalities:
         parts = [b for mbs in batches for b in mbs if b[0] == m]
         tokens = torch.cat([b[1] for b in parts])
@@ -87,15 +83,8 @@ def test_scaled_microbatch_losses_give_weighted_sum_of_modality_gradients():
         loss = _token_losses(ref_model, tokens, labels)[mask].mean()
         grads = torch.autograd.grad(loss, list(ref_model.parameters()))
         ref = [r + w[m] * g for r, g in zip(ref, grads)]
-        ref_losses[m] = loss.item()
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
-
-    # The objective's definition agrees with the per-modality reference losses.
-    objective, means = weighted_modality_objective(records, w)
-    for m in cfg.modalities:
-        assert abs(means[m].item() - ref_losses[m]) < 1e-5
-    assert abs(objective.item() - sum(w[m] * ref_losses[m] for m in cfg.modalities)) < 1e-4
 
     # A plain (unscaled) per-token loss would weight modalities by token count instead: differs.
     plain = _model()

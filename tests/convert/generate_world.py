@@ -30,7 +30,7 @@ from megatron_omni.config.loader import load_section_file  # noqa: E402
 from megatron_omni.config.schema import ModelConfig, OmniConfig  # noqa: E402
 from megatron_omni.inference.generate import PromptMedia, SamplingParams, generate  # noqa: E402
 from megatron_omni.inference.load import inference_config, load_inference_model  # noqa: E402
-from megatron_omni.models.audio.config import audio_token_count  # noqa: E402
+from megatron_omni.config.encoders import audio_token_count  # noqa: E402
 from megatron_omni.models.omni import build_omni_chunks, init_omni_weights_layout_invariant, omni_vocab  # noqa: E402
 from megatron_omni.models.rope import mrope_position_ids  # noqa: E402
 from megatron_omni.parallel.initialize import initialize_distributed, set_random_seeds  # noqa: E402

@@ -39,7 +39,7 @@ def run_configs(ckpt: Path):
 
 def mixed_sample(model, omni, seed: int = 0) -> Dict[str, torch.Tensor]:
     """text <image>..</image> text <video>..</video> <audio>..</audio> text <audio>..</audio> text."""
-    from megatron_omni.models.audio.config import audio_token_count
+    from megatron_omni.config.encoders import audio_token_count
     from megatron_omni.models.omni import omni_vocab
     from megatron_omni.models.rope import mrope_position_ids
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_omni.convert import ConversionError, hf_to_mcore
-from megatron_omni.convert.convert import _atomic_output
+from megatron_omni.convert.common import _atomic_output
 from tests.convert.convert_helpers import make_hf_llama
 from tests.helpers.launch import REPO
 

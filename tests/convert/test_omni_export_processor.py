@@ -144,8 +144,7 @@ def test_restated_media_rules_equal_the_projects():
     from megatron_omni.data.media.fbank import kaldi_fbank
     from megatron_omni.data.media.geometry import image_grid, plan_video
     from megatron_omni.hf import processing_megatron_omni as hf
-    from megatron_omni.models.audio.config import AudioConfig, audio_token_count
-    from megatron_omni.models.vision.config import VisionConfig
+    from megatron_omni.config.encoders import AudioConfig, VisionConfig, audio_token_count
 
     vision = VisionConfig(depth=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64, out_hidden_size=32)
     rng = np.random.default_rng(0)

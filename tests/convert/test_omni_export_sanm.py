@@ -13,9 +13,9 @@ import torch
 import yaml
 
 from megatron_omni.config import ParallelConfig
-from megatron_omni.config.loader import load_section_file
+from megatron_omni.config.typed import load_section_file
 from megatron_omni.config.schema import ModelConfig, OmniConfig
-from megatron_omni.models.audio.config import AudioConfig
+from megatron_omni.config.encoders import AudioConfig
 from tests.convert.omni_export_helpers import hf_inputs, megatron_logits, mixed_sample
 
 transformers = pytest.importorskip("transformers")

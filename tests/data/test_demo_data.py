@@ -16,9 +16,8 @@ from megatron_omni.data.chat_template import ChatTemplate
 from megatron_omni.data.manifest import check_media, read_manifest
 from megatron_omni.data.sample_builder import build_preference_pair, build_sample
 from megatron_omni.data.tokenizer import SentencePieceTokenizer
-from megatron_omni.models.audio.config import AudioConfig, audio_token_count
+from megatron_omni.config.encoders import AudioConfig, VisionConfig, audio_token_count
 from megatron_omni.models.omni_vocab import OmniVocab
-from megatron_omni.models.vision.config import VisionConfig
 from megatron_omni.models.vision.encoder import merged_token_counts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,6 +94,32 @@ def test_stage_blends_resolve_against_demo_root(demo, stage):
         held[s.modality] += len(split[s.name].valid)
         assert {r.id for r in split[s.name].train}.isdisjoint(r.id for r in split[s.name].valid)
     assert dict(held) == {m: n for m, n in blend.validation.items() if n}
+
+
+def test_sample_positions_equal_hf_qwen2_vl_rope_index(built, setup):
+    """The M-RoPE positions the trainer gets (sample_builder, per sample) == transformers' Qwen2-VL
+    `get_rope_index` on the same tokens and grids, image / video tokens typed as such and the audio
+    placeholders as text (M2-omni gives audio 1D positions)."""
+    qwen2_vl = pytest.importorskip("transformers.models.qwen2_vl.modeling_qwen2_vl")
+    from types import SimpleNamespace
+
+    vocab, merge = setup["vocab"], setup["vision"].spatial_merge_size
+
+    class HFModel:  # what get_rope_index reads of the model
+        get_vision_position_ids = qwen2_vl.Qwen2VLModel.get_vision_position_ids
+        config = SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=merge, tokens_per_second=None))
+
+    checked = 0
+    for _, samples in built:
+        for s in samples:
+            if s.image_grid_thw is None and s.video_grid_thw is None:
+                continue  # HF's vision-free branch is the plain 1D arange: checked in test_every_sample_builds
+            ids = s.tokens[None]
+            types = (ids == vocab.image_pad_id).int() + 2 * (ids == vocab.video_pad_id).int()
+            ref, _ = qwen2_vl.Qwen2VLModel.get_rope_index(HFModel(), ids, types, s.image_grid_thw, s.video_grid_thw)
+            assert torch.equal(s.position_ids, ref[:, 0]), s.sample_id
+            checked += 1
+    assert checked >= 20  # images, videos, interleaved, image + audio rows of the demo set
 
 
 def test_every_sample_builds(built, setup):

@@ -16,7 +16,7 @@ import torchaudio
 
 from megatron_omni.data.media import MediaError, load_audio, load_waveform, synth
 from megatron_omni.data.media.fbank import KALDI_WAVE_SCALE, frame_count, kaldi_fbank
-from megatron_omni.models.audio.config import AudioConfig
+from megatron_omni.config.encoders import AudioConfig
 
 
 def _test_wave(seconds: float, rate: int = 16000) -> torch.Tensor:

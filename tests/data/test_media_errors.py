@@ -7,8 +7,7 @@ import pickle
 import pytest
 
 from megatron_omni.data.media import MediaError, load_audio, load_image, load_video, synth
-from megatron_omni.models.audio.config import AudioConfig
-from megatron_omni.models.vision.config import VisionConfig
+from megatron_omni.config.encoders import AudioConfig, VisionConfig
 
 VISION, AUDIO = VisionConfig(), AudioConfig()
 BACKENDS = {"image": ("dali", "pil"), "video": ("dali", "pyav"), "audio": ("dali", "pyav")}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_omni.data.media import CLIP_MEAN, CLIP_STD, frames_to_patches, image_grid, load_image, synth
-from megatron_omni.models.vision.config import VisionConfig
+from megatron_omni.config.encoders import VisionConfig
 
 qwen2_vl = pytest.importorskip("transformers.models.qwen2_vl.image_processing_qwen2_vl")
 

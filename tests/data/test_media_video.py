@@ -11,7 +11,7 @@ import torch
 
 from megatron_omni.data.media import CLIP_STD, frames_to_patches, load_video, plan_video, synth
 from megatron_omni.data.media.geometry import MIN_TOKENS_PER_FRAME_GROUP
-from megatron_omni.models.vision.config import VisionConfig
+from megatron_omni.config.encoders import VisionConfig
 
 VISION = VisionConfig()
 TPS = VISION.temporal_patch_size

@@ -13,9 +13,8 @@ from megatron_omni.data import DEMO_TEXT_TOKENIZER, SentencePieceTokenizer
 from megatron_omni.data.blend import load_blend, read_blend_manifests, split_heldout
 from megatron_omni.data.blend_loader import build_omni_loader
 from megatron_omni.data.modality_stream import LoaderConfig
-from megatron_omni.models.audio.config import AudioConfig
+from megatron_omni.config.encoders import AudioConfig, VisionConfig
 from megatron_omni.models.omni_vocab import OmniVocab
-from megatron_omni.models.vision.config import VisionConfig
 
 REPO = Path(__file__).resolve().parents[2]
 S = 1024

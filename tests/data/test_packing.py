@@ -19,7 +19,7 @@ from megatron_omni.data.packing import (
     padding_fraction,
 )
 from megatron_omni.data.synthetic import MODALITIES, SyntheticSource
-from megatron_omni.models.audio.config import AudioConfig, audio_token_count
+from megatron_omni.config.encoders import AudioConfig, audio_token_count
 from megatron_omni.models.omni_vocab import OmniVocab
 
 VOCAB = OmniVocab(text_vocab_size=2000, audio_codebook_size=64)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_omni.data.chat_template import DEFAULT_SYSTEM_PROMPT, ChatTemplate, MediaRef, TemplateError, Turn
-from megatron_omni.models.audio.config import AudioConfig, audio_token_count
+from megatron_omni.config.encoders import AudioConfig, audio_token_count
 from megatron_omni.models.omni_vocab import OmniVocab
 from megatron_omni.models.vision.encoder import merged_token_counts
 

@@ -1,5 +1,7 @@
-"""M-RoPE: position ids vs transformers' Qwen2-VL / Qwen2.5-VL / Qwen2.5-Omni get_rope_index
-(bit-for-bit) and megatron-core's rotation vs HF's multimodal rotary embedding (fp32)."""
+"""M-RoPE: position ids vs transformers' Qwen2-VL / Qwen2.5-VL get_rope_index (bit-for-bit; the legacy
+rule vs Qwen2.5-Omni's), and the omni model's rotation -- `MRoPEEmbedding` freqs rotated by megatron's
+`apply_rotary_pos_emb` under the config `configure_mrope_attention` sets, bshd and packed THD, as
+megatron's attention calls it -- vs HF's multimodal rotary embedding (fp32)."""
 
 import random
 from types import SimpleNamespace
@@ -7,21 +9,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_omni.models.rope import (
-    MRoPEEmbedding,
-    apply_mrope,
-    mrope_freqs,
-    mrope_position_ids,
-    omni_audio_token_length,
-    omni_position_ids,
-)
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer import TransformerConfig
+
+from megatron_omni.models.rope import MRoPEEmbedding, configure_mrope_attention, mrope_position_ids
 
 qwen2_vl = pytest.importorskip("transformers.models.qwen2_vl.modeling_qwen2_vl")
 qwen2_5_vl = pytest.importorskip("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl")
 qwen2_5_omni = pytest.importorskip("transformers.models.qwen2_5_omni.modeling_qwen2_5_omni")
 
-IMG, VID, AUD, VS, VE, AS, AE, PAD = 151655, 151656, 151646, 151652, 151653, 151647, 151648, 0
+IMG, VID, AUD, VS, VE, AS, PAD = 151655, 151656, 151646, 151652, 151653, 151647, 0
 MERGE = 2
+ONE_RANK = SimpleNamespace(size=lambda: 1, rank=lambda: 0)  # the context-parallel group rotary reads (no CP)
 
 
 def _text(rng, n):
@@ -113,7 +112,7 @@ def test_legacy_qwen2_vl_hand_example():
     assert pos5[:, 0, 9:].tolist() == [[5, 6]] * 3
 
 
-# ---------------------------------------------------------------- Qwen2.5-Omni
+# ---------------------------------------------------------------- legacy rule vs Qwen2.5-Omni
 
 
 class _FakeOmni:
@@ -128,83 +127,6 @@ class _FakeOmni:
             image_token_id=IMG, video_token_id=VID, audio_token_id=AUD,
             vision_start_token_id=VS, audio_start_token_id=AS,
             position_id_per_seconds=pps, seconds_per_chunk=spc)
-
-
-def _omni_batch(seed, use_audio_in_video, B=3):
-    rng = random.Random(seed)
-    seqs, imgs, vids, aud_feats, spgs = [], [], [], [], []
-    for _ in range(B):
-        s = _text(rng, rng.randrange(1, 5))
-        for _ in range(rng.randrange(1, 5)):
-            kind = rng.choice(["img", "vid", "aud"])
-            h, w = rng.choice([2, 4, 8]), rng.choice([2, 4, 6])
-            if kind == "img":
-                imgs.append([1, h, w])
-                s += [VS] + [IMG] * (h * w // 4) + [VE]
-            elif kind == "aud":
-                f = rng.randrange(8, 400)
-                aud_feats.append(f)
-                s += [AS] + [AUD] * int(omni_audio_token_length(torch.tensor(f))) + [AE]
-            else:
-                t = rng.randrange(1, 9)
-                vids.append([t, h, w])
-                spgs.append(rng.choice([0.04, 0.5, 1.0, 1.3, 4.0]))
-                nv = t * h * w // 4
-                if use_audio_in_video:
-                    f = rng.randrange(8, 800)
-                    aud_feats.append(f)
-                    na = int(omni_audio_token_length(torch.tensor(f)))
-                    first = h * w // 4  # first frame, then audio, then the rest
-                    s += ([VS, AS] + [VID] * first + [AUD] * na + [VID] * (nv - first)
-                          + [AE, VE])
-                else:
-                    s += [VS] + [VID] * nv + [VE]
-            s += _text(rng, rng.randrange(0, 4))
-        seqs.append(s)
-    S = max(len(s) for s in seqs) + 3
-    ids = torch.full((B, S), PAD, dtype=torch.long)
-    mask = torch.zeros(B, S, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        off = 0 if b % 2 == 0 else S - len(s)
-        ids[b, off:off + len(s)] = torch.tensor(s)
-        mask[b, off:off + len(s)] = 1
-    t = lambda x: torch.tensor(x, dtype=torch.long) if x else None  # noqa: E731
-    spg = torch.tensor(spgs, dtype=torch.float32) if spgs else None
-    return ids, mask, t(imgs), t(vids), t(aud_feats), spg
-
-
-@pytest.mark.parametrize("seed", range(8))
-@pytest.mark.parametrize("use_audio_in_video", [False, True])
-@pytest.mark.parametrize("pps,spc", [(25, 2), (2, 1.5)])
-def test_omni_position_ids(seed, use_audio_in_video, pps, spc):
-    ids, mask, img, vid, aud, spg = _omni_batch(seed * 7 + pps, use_audio_in_video)
-    if img is None and vid is None:  # keep the multimodal path exercised
-        img = torch.tensor([[1, 2, 2]])
-        ids[0, -4:] = torch.tensor([VS, IMG, VE, 11])
-        mask[0, -4:] = 1
-    ref_pos, ref_d = _FakeOmni(pps, spc).get_rope_index(
-        ids, img, vid, mask, use_audio_in_video=use_audio_in_video, audio_seqlens=aud,
-        second_per_grids=spg)
-    kw = dict(image_token_id=IMG, video_token_id=VID, audio_token_id=AUD,
-              vision_start_token_id=VS, audio_start_token_id=AS, spatial_merge_size=MERGE,
-              use_audio_in_video=use_audio_in_video, second_per_grids=spg,
-              position_id_per_seconds=pps, seconds_per_chunk=spc)
-    pos, d = omni_position_ids(ids, img, vid, mask, audio_seqlens=aud, **kw)
-    assert torch.equal(pos, ref_pos) and torch.equal(d, ref_d)
-    lens = omni_audio_token_length(aud).tolist() if aud is not None else []
-    pos2, d2 = omni_position_ids(ids, img, vid, mask, audio_token_lengths=lens, **kw)
-    assert torch.equal(pos2, ref_pos) and torch.equal(d2, ref_d)
-
-
-def test_omni_text_and_audio_only():
-    ids, mask, _, _, aud, _ = _omni_batch(3, False)
-    keep = (ids != IMG) & (ids != VID)  # drop vision content: grids absent -> HF's text branch
-    ids = torch.where(keep, ids, torch.full_like(ids, 42))
-    ref = _FakeOmni(25, 2).get_rope_index(ids, None, None, mask, audio_seqlens=aud)
-    out = omni_position_ids(ids, None, None, mask, image_token_id=IMG, video_token_id=VID,
-                            audio_token_id=AUD, vision_start_token_id=VS,
-                            audio_start_token_id=AS, spatial_merge_size=MERGE, audio_seqlens=aud)
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -237,15 +159,19 @@ def test_rotation_matches_hf(head_dim, section):
     cos, sin = qwen2_vl.Qwen2VLRotaryEmbedding(cfg)(q, pos)
     ref, _ = qwen2_vl.apply_rotary_pos_emb(q, q, cos, sin)
 
-    freqs = mrope_freqs(pos, section, kv_channels=head_dim, rotary_base=base)  # [S, B, 1, D]
+    # The omni model's path: its rotary embedding's freqs, megatron's rotation under its attention config.
+    freqs = MRoPEEmbedding(kv_channels=head_dim, rotary_base=base, device="cpu")(pos, section)  # [S, B, 1, D]
     assert freqs.shape == (S, B, 1, head_dim)
-    out = apply_mrope(q.permute(2, 0, 1, 3), freqs, fused=False)  # megatron layout [S, B, H, D]
+    config = TransformerConfig(num_layers=1, hidden_size=H * head_dim, num_attention_heads=H, kv_channels=head_dim)
+    configure_mrope_attention(config, section)
+    out = apply_rotary_pos_emb(q.permute(2, 0, 1, 3), freqs, config, cp_group=ONE_RANK)  # [S, B, H, D]
     torch.testing.assert_close(out.permute(1, 2, 0, 3), ref, atol=1e-6, rtol=1e-6)
 
-    # packed THD (sample 0 then sample 1, valid tokens only) == per-sample bshd
+    # packed THD (sample 0 then sample 1, valid tokens only; per-token freqs of the stream) == HF per sample
     toks = [q[b].permute(1, 0, 2)[mask[b].bool()] for b in range(2)]
-    fr = [freqs[:, b][mask[b].bool()] for b in range(2)]
-    packed = apply_mrope(torch.cat(toks), torch.cat(fr), fused=False)
+    fr = [freqs[:, b][mask[b].bool()] for b in range(2)]  # [n, 1, D] each; THD takes [T, 1, 1, D]
+    cu = torch.tensor([0, len(toks[0]), len(toks[0]) + len(toks[1])], dtype=torch.int32)
+    packed = apply_rotary_pos_emb(torch.cat(toks), torch.cat(fr)[:, None], config, cu_seqlens=cu, cp_group=ONE_RANK)
     exp = torch.cat([ref[b].permute(1, 0, 2)[mask[b].bool()] for b in range(2)])
     torch.testing.assert_close(packed, exp, atol=1e-6, rtol=1e-6)
 
@@ -261,20 +187,3 @@ def test_embedding_equals_megatron_upstream(monkeypatch):
     pos = torch.randint(0, 500, (3, 2, 37))
     assert torch.equal(up.inv_freq, ours.inv_freq)
     assert torch.equal(up(pos, [8, 12, 12]), ours(pos, [8, 12, 12]))
-
-
-def test_omni_audio_in_video_eos_after_last_chunk():
-    """HF quirk: eos follows the max of the *last interleaved chunk* (audio here), which is below
-    the video's max h/w position."""
-    na = int(omni_audio_token_length(torch.tensor(12)))  # 3 audio tokens
-    vid = torch.tensor([[1, 16, 4]])  # 1 frame, h'=8, w'=2 -> 16 tokens, max offset 7
-    ids = torch.tensor([[5, VS, AS] + [VID] * 16 + [AUD] * na + [AE, VE, 6, 7]])
-    kw = dict(use_audio_in_video=True, audio_seqlens=torch.tensor([12]),
-              second_per_grids=torch.tensor([1.0]))
-    ref = _FakeOmni(25, 2).get_rope_index(ids, None, vid, torch.ones_like(ids), **kw)
-    out = omni_position_ids(ids, None, vid, torch.ones_like(ids), image_token_id=IMG,
-                            video_token_id=VID, audio_token_id=AUD, vision_start_token_id=VS,
-                            audio_start_token_id=AS, spatial_merge_size=MERGE, **kw)
-    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
-    eos = out[0][0, 0, 3 + 16 + na].item()
-    assert eos == 2 + na and eos < out[0][:, 0, 3:3 + 16].max().item()

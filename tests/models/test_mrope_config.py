@@ -15,7 +15,7 @@ from megatron_omni.config.loader import load_section_file
 from megatron_omni.config.schema import ModelConfig, OmniConfig
 from megatron_omni.convert.mcore_io import megatron_world
 from megatron_omni.models.omni import build_omni_chunks
-from megatron_omni.models.rope import configure_mrope_attention, mrope_freqs
+from megatron_omni.models.rope import configure_mrope_attention
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,7 +49,7 @@ def test_omni_model_config_carries_mrope_section_and_rotates_per_row():
         # == each row rotated alone.
         S, D = 12, config.kv_channels
         pos = torch.stack([torch.arange(S).expand(3, S), torch.randint(0, 5, (3, S))], dim=1)  # [3, 2, S]
-        freqs = mrope_freqs(pos, omni.mrope_section, kv_channels=D)  # [S, 2, 1, D]
+        freqs = model.rotary_pos_emb(pos, model.mrope_section)  # the model's own freqs, [S, 2, 1, D]
         t = torch.randn(S, 2, 2, D)
         got = apply_rotary_pos_emb(t, freqs, config)
         for b in range(2):

@@ -48,7 +48,7 @@ def _forward(model, batch: OmniMicrobatch) -> torch.Tensor:
 
 def _split_samples(batch: OmniMicrobatch, vocab, audio_cfg):
     """The packed row's samples as stand-alone one-row microbatches, each with its own media."""
-    from megatron_omni.models.audio.config import audio_token_count
+    from megatron_omni.config.encoders import audio_token_count
 
     cu = batch.cu_seqlens.tolist()
     grids = {"image": list(batch.image_grid_thw) if batch.image_grid_thw is not None else [],

@@ -115,7 +115,7 @@ def test_core_attention_in_megatron_attention_equals_dense_mask(world):
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_omni.models.rope import mrope_freqs
+    from megatron_omni.models.rope import MRoPEEmbedding
 
     dense = _attention_layer(None, AttnMaskType.arbitrary)
     thd = _attention_layer(PackedCoreAttention, AttnMaskType.padding_causal)
@@ -125,7 +125,7 @@ def test_core_attention_in_megatron_attention_equals_dense_mask(world):
     cu = torch.tensor([0, *LENGTHS]).cumsum(0).to(torch.int32)
     x = torch.randn(t, 1, 64, generator=torch.Generator().manual_seed(2))
     positions = torch.randint(0, 20, (3, 1, t), generator=torch.Generator().manual_seed(3))
-    freqs = mrope_freqs(positions, [2, 3, 3], kv_channels=16)  # [T, 1, 1, 16]: per token
+    freqs = MRoPEEmbedding(kv_channels=16, device="cpu")(positions, [2, 3, 3])  # [T, 1, 1, 16]: per token
     packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(LENGTHS),
                              max_seqlen_kv=max(LENGTHS))
     xd, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -150,20 +150,22 @@ def test_core_attention_in_megatron_attention_equals_dense_mask(world):
 
 def test_thd_rotary_equals_reference_rotation_per_token(world):
     """megatron's THD rotary (rope_utils, apply_rope_fusion off) with the per-token freqs of the
-    packed stream (freqs.size(0) == cu_seqlens[-1]) == models/rope.py's rotation of every row."""
+    packed stream (freqs.size(0) == cu_seqlens[-1]) == its bshd rotation of every row (the path
+    tests/models/test_mrope.py checks against HF)."""
     from megatron.core import parallel_state
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_omni.models.rope import apply_mrope, mrope_freqs
+    from megatron_omni.models.rope import MRoPEEmbedding
 
     B, S, H, D, section = 2, 12, 3, 16, [2, 3, 3]
     cu = torch.tensor([0, 5, 12, 16, 24], dtype=torch.int32)  # rows of 12: segments 5+7, 4+8
     positions = torch.randint(0, 30, (3, B, S), generator=torch.Generator().manual_seed(4))
     x = torch.randn(B, S, H, D, generator=torch.Generator().manual_seed(5))
-    reference = apply_mrope(x.transpose(0, 1), mrope_freqs(positions, section, kv_channels=D), fused=False)
+    rotary = MRoPEEmbedding(kv_channels=D, device="cpu")
     config = TransformerConfig(num_layers=1, hidden_size=48, num_attention_heads=3, apply_rope_fusion=False)
-    freqs = mrope_freqs(positions.reshape(3, 1, B * S), section, kv_channels=D)  # the THD stream's
+    reference = apply_rotary_pos_emb(x.transpose(0, 1), rotary(positions, section), config)
+    freqs = rotary(positions.reshape(3, 1, B * S), section)  # the THD stream's
     assert freqs.shape[0] == int(cu[-1])
     thd = apply_rotary_pos_emb(x.reshape(B * S, H, D), freqs, config, cu_seqlens=cu,
                                cp_group=parallel_state.get_context_parallel_group())

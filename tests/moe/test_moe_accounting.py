@@ -9,7 +9,7 @@ import pytest
 from megatron_omni.config import ConfigError, load_config, validate
 from megatron_omni.config.loader import load_section_file
 from megatron_omni.config.schema import ModelConfig
-from megatron_omni.models.moe.config import MoEConfig
+from megatron_omni.config.moe import MoEConfig
 from megatron_omni.planner.layout import Layout
 from megatron_omni.planner.memory import param_counts, stage_params_per_gpu
 from megatron_omni.planner.search import ep_choices

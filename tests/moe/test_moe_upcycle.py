@@ -18,7 +18,7 @@ from megatron_omni.config import load_config
 from megatron_omni.convert.mcore_io import megatron_world
 from megatron_omni.models.init import init_weights_layout_invariant
 from megatron_omni.models.llama import build_llama_chunks
-from megatron_omni.models.moe.upcycle import (
+from megatron_omni.training.upcycle import (
     check_upcyclable,
     dense_model_of,
     dense_source,

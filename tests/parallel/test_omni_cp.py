@@ -78,24 +78,27 @@ def test_video_and_audio_of_a_mock_microbatch_land_on_both_cp_ranks():
 def test_thd_rotary_per_cp_chunk_equals_reference_rotation():
     """megatron's THD rotary (rope_utils, apply_rope_fusion off) given this rank's tokens, the padded
     boundaries and the freqs of the whole padded stream (what OmniModel passes under CP) rotates
-    every token as models/rope.py rotates it in the unsplit stream.  The CP group is a stand-in
+    every token as megatron rotates it in the unsplit stream.  The CP group is a stand-in
     with size() / rank(): all the rotary reads of it."""
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
     from megatron.core.transformer import TransformerConfig
 
     from megatron_omni.models.omni import index_with_pad
-    from megatron_omni.models.rope import apply_mrope, mrope_freqs
+    from megatron_omni.models.rope import MRoPEEmbedding
 
     T, H, D, section, cp = 22, 3, 16, [2, 3, 3], 2
     cu = torch.tensor([0, 5, 12, 16, 22], dtype=torch.int32)
     positions = torch.randint(0, 30, (3, 1, T), generator=torch.Generator().manual_seed(4))
     x = torch.randn(T, H, D, generator=torch.Generator().manual_seed(5))
-    reference = apply_mrope(x, mrope_freqs(positions, section, kv_channels=D), fused=False)
+    rotary = MRoPEEmbedding(kv_channels=D, device="cpu")
     config = TransformerConfig(num_layers=1, hidden_size=48, num_attention_heads=3, apply_rope_fusion=False)
+    one_rank = SimpleNamespace(size=lambda: 1, rank=lambda: 0)
+    # the unsplit stream rotated token by token (bshd, batch 1)
+    reference = apply_rotary_pos_emb(x[:, None], rotary(positions, section), config, cp_group=one_rank)[:, 0]
     for r in range(cp):
         split = thd_cp_split(cu, cp, r)
         stream_positions = index_with_pad(positions[:, 0].t(), split.stream_index).t().unsqueeze(1)
-        freqs = mrope_freqs(stream_positions, section, kv_channels=D)
+        freqs = rotary(stream_positions, section)
         got = apply_rotary_pos_emb(index_with_pad(x, split.local_index), freqs, config,
                                    cu_seqlens=split.cu_seqlens_padded,
                                    cp_group=SimpleNamespace(size=lambda: cp, rank=lambda r=r: r))

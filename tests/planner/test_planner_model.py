@@ -143,22 +143,36 @@ def test_parse_layout():
 # ---------------------------------------------------------------- anchors and ranking
 
 
-def test_calibration_anchors_within_10_percent():
+def test_calibration_anchors_reproduce_the_fit():
+    """A fit, not evidence: `Efficiency` was fitted on these two rows (1633 tok/s/GPU, 734 TFLOP/s/GPU
+    FP8; 54 % MFU BF16), so this only checks the rounded constants still reproduce them.  The
+    held-out rows (next test) are the evidence that the model transfers."""
     rows = A.compare_all()
     calibration = [r for r in rows if r["calibration"]]
     assert len(calibration) == 2
-    for r in rows:  # calibration rows at 10 %, held-out rows at their stated 15 %
+    for r in calibration:
         assert r["within_tolerance"], r
         assert abs(r["ratio"] - 1) <= r["tolerance"]
-    fp8 = next(r for r in rows if r["calibration"] and r["metric"] == "tokens_per_s_per_gpu")
+    fp8 = next(r for r in calibration if r["metric"] == "tokens_per_s_per_gpu")
     assert fp8["predicted"] == pytest.approx(1633, rel=0.10)
     assert fp8["predicted_tflops_per_gpu"] == pytest.approx(734, rel=0.10)
     assert fp8["fits"]  # NVIDIA runs this layout on 80 GB H100s
-    bf16 = next(r for r in rows if r["metric"] == "mfu")
+    bf16 = next(r for r in calibration if r["metric"] == "mfu")
     assert bf16["predicted"] == pytest.approx(0.54, rel=0.10)
 
 
+def test_held_out_anchors_within_their_stated_tolerance():
+    """The evidence: measured runs that were not used for the fit (other batch sizes, layouts, model
+    sizes, software stacks), each predicted within its stated tolerance (15 %)."""
+    held_out = [r for r in A.compare_all() if not r["calibration"]]
+    assert len(held_out) >= 3
+    for r in held_out:
+        assert r["within_tolerance"], r
+        assert abs(r["ratio"] - 1) <= r["tolerance"]
+
+
 def test_efficiency_constants_are_the_rounded_fit():
+    """A fit: the constants in timing.Efficiency are the calibration anchors solved and rounded."""
     assert A.fitted_efficiency("bf16") == pytest.approx(Efficiency().bf16, abs=0.01)
     assert A.fitted_efficiency("fp8") == pytest.approx(Efficiency().fp8, abs=0.01)
 

@@ -1,4 +1,7 @@
-"""DPO (Rafailov et al. 2023, Eq. 7) and the alignment loss of M2-omni Eq. 2, on hand-computed numbers."""
+"""DPO (Rafailov et al. 2023, Eq. 7) on hand-computed numbers, and the trainer's preference loss on packed rows.
+
+The lambda of M2-omni Eq. 2 is not a separate function: the step weights the instruction-tuning
+microbatches by it (training/omni_data.py), through the per-modality scales of balance/loss.py."""
 
 from __future__ import annotations
 
@@ -7,16 +10,60 @@ import math
 import pytest
 import torch
 
-from megatron_omni.training.dpo import alignment_loss, dpo_loss, sequence_logprobs
+from megatron_omni.data.omni_batch import OmniMicrobatch
+from megatron_omni.training.dpo import dpo_loss
+from megatron_omni.training.omni_step import DPO_ACCURACY, DPO_LOSS, PREFERENCE, PlannedMicrobatch, pair_logprobs, preference_loss
 
 
-def test_sequence_logprobs_from_megatron_per_token_loss():
-    # megatron returns per-token loss = -log p; the response is tokens 1..2 of row 0, 2..3 of row 1.
-    per_token_loss = torch.tensor([[0.5, 1.0, 2.0, 9.0], [7.0, 8.0, 0.25, 0.75]])
-    mask = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1]])
-    assert sequence_logprobs(-per_token_loss, mask).tolist() == [-3.0, -1.0]
-    with pytest.raises(ValueError, match="same"):
-        sequence_logprobs(per_token_loss, mask[:, :3])
+def _preference_microbatch(per_token_loss, loss_mask, segment_lengths):
+    """Rows of (chosen, rejected, padding) segments, as data/preference_stream.py packs them."""
+    B, S = per_token_loss.shape
+    cu = torch.tensor([0] + [r * S + c for r, row in enumerate(segment_lengths)
+                             for c in torch.tensor(row).cumsum(0).tolist()])
+    zeros = torch.zeros(B, S, dtype=torch.long)
+    return OmniMicrobatch(tokens=zeros, labels=zeros, loss_mask=loss_mask.float(), position_ids=torch.zeros(3, B, S,
+                          dtype=torch.long), cu_seqlens=cu, modality=PREFERENCE)
+
+
+def test_preference_loss_is_dpo_of_the_packed_pairs():
+    """The trainer's path (training/omni_step.py): megatron's per-token loss of a packed preference row
+    -> per-sample log-probs (response tokens only) -> Eq. 7, against the formula written out by hand."""
+    # Row 0: chosen = tokens 0..3 (response 1..2), rejected = 4..6 (response 5..6), padding 7.
+    # Row 1: chosen = tokens 0..1 (response 1), rejected = 2..7 (response 4..7).
+    per_token_loss = torch.tensor([[0.5, 1.0, 2.0, 9.0, 3.0, 0.25, 0.5, 4.0],
+                                   [7.0, 1.5, 0.5, 6.0, 1.0, 0.5, 0.25, 0.25]], requires_grad=True)
+    mask = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 0], [0, 1, 0, 0, 1, 1, 1, 1]])
+    batch = _preference_microbatch(per_token_loss, mask, [[4, 3, 1], [2, 6]])
+    policy = torch.tensor([[-3.0, -0.75], [-1.5, -2.0]])  # (chosen, rejected) = -sum of response losses
+    torch.testing.assert_close(pair_logprobs(batch, per_token_loss), policy)
+
+    # The reference pass only reports its log-probs.
+    _, pairs, reports = preference_loss(PlannedMicrobatch(batch), per_token_loss)
+    assert int(pairs) == 2
+    torch.testing.assert_close(reports["ref_logps"], policy)
+
+    ref = torch.tensor([[-3.5, -0.5], [-1.0, -2.5]])
+    beta, scale = 0.5, 1.7
+    loss, pairs, reports = preference_loss(PlannedMicrobatch(batch, loss_scale=scale, ref_logps=ref, dpo_beta=beta),
+                                           per_token_loss)
+    # Eq. 7 per pair: -log sigmoid(beta * ((pc - rc) - (pr - rr))); margins 0.5*(0.5+0.25) and 0.5*(-0.5-0.5)
+    margins = [beta * ((-3.0 + 3.5) - (-0.75 + 0.5)), beta * ((-1.5 + 1.0) - (-2.0 + 2.5))]
+    expected = [math.log1p(math.exp(-m)) for m in margins]
+    # The microbatch returns the pairs' loss sum, scaled by the step plan; megatron divides by all pairs.
+    assert loss.item() == pytest.approx(scale * sum(expected), rel=1e-6)
+    assert int(pairs) == 2
+    assert reports[DPO_LOSS].tolist() == pytest.approx([sum(expected), 2.0])
+    assert reports[DPO_ACCURACY].tolist() == pytest.approx([1.0, 2.0])  # one pair of two prefers chosen
+    # Gradient: only response tokens carry it.
+    loss.backward()
+    sig = [1 / (1 + math.exp(m)) for m in margins]
+    grad = torch.zeros(2, 8)
+    # (d loss / d logp_chosen = -beta * sigmoid(-margin) * scale, and logp = -sum of the response's losses)
+    grad[0, [1, 2]] = beta * sig[0] * scale
+    grad[0, [5, 6]] = -beta * sig[0] * scale
+    grad[1, [1]] = beta * sig[1] * scale
+    grad[1, [4, 5, 6, 7]] = -beta * sig[1] * scale
+    torch.testing.assert_close(per_token_loss.grad, grad)
 
 
 def test_dpo_equals_formula_on_hand_computed_logprobs():
@@ -55,13 +102,3 @@ def test_dpo_gradient_raises_chosen_and_lowers_rejected():
     torch.testing.assert_close(pc.grad, -0.5 * sig / 2)
     torch.testing.assert_close(pr.grad, 0.5 * sig / 2)
     assert rc.grad is None and rr.grad is None  # the reference is a constant
-
-
-def test_alignment_loss_lambda_weighting():
-    dpo = torch.tensor(0.8, requires_grad=True)
-    it = torch.tensor(2.0, requires_grad=True)
-    total = alignment_loss(dpo, it)  # paper default lambda = 0.3
-    assert total.item() == pytest.approx(0.8 + 0.3 * 2.0)
-    total.backward()
-    assert dpo.grad.item() == 1.0 and it.grad.item() == pytest.approx(0.3)
-    assert alignment_loss(dpo, it, lam=0.0).item() == pytest.approx(0.8)

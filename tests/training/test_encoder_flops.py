@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from megatron_omni.models.audio.config import AudioConfig
-from megatron_omni.models.vision.config import VisionConfig
+from megatron_omni.config.encoders import AudioConfig, VisionConfig
 from megatron_omni.training.encoder_flops import audio_forward_flops, vision_forward_flops
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ from megatron_omni.data.media.errors import MediaError, read_bytes
 from megatron_omni.data.media.fbank import KALDI_WAVE_SCALE, frame_count, kaldi_fbank
 from megatron_omni.data.media.pyav_decode import decode_audio as pyav_decode_audio
 from megatron_omni.data.media.pyav_decode import resample_audio as pyav_resample
-from megatron_omni.models.audio.config import AudioConfig
+from megatron_omni.config.encoders import AudioConfig
 
 
 def load_waveform(path: str, *, sample_rate: int = 16000, backend: Optional[str] = None) -> Tensor:

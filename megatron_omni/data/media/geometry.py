@@ -13,7 +13,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from megatron_omni.models.vision.config import VisionConfig
+from megatron_omni.config.encoders import VisionConfig
 
 # Qwen2-VL samples videos at 2 frames/s by default (qwen_vl_utils FPS = 2.0); used when sampling="fps"
 # is asked for without an explicit rate.

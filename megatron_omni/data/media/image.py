@@ -12,7 +12,7 @@ from megatron_omni.data.media.backends import choose_image
 from megatron_omni.data.media.errors import MediaError, read_bytes
 from megatron_omni.data.media.geometry import image_grid
 from megatron_omni.data.media.patches import VisualInput, frames_to_patches
-from megatron_omni.models.vision.config import VisionConfig
+from megatron_omni.config.encoders import VisionConfig
 
 # EXIF orientations that rotate by 90 degrees (decoders apply them, so the stored W and H swap).
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)

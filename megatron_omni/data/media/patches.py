@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megatron_omni.models.vision.config import VisionConfig
+from megatron_omni.config.encoders import VisionConfig
 
 # OpenAI CLIP pixel statistics (Qwen2-VL's image processor uses them: OPENAI_CLIP_MEAN / _STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

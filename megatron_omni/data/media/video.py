@@ -13,7 +13,7 @@ from megatron_omni.data.media.errors import MediaError, read_bytes
 from megatron_omni.data.media.geometry import plan_video
 from megatron_omni.data.media.patches import VisualInput, frames_to_patches
 from megatron_omni.data.media.pyav_decode import decode_video_frames, probe_video
-from megatron_omni.models.vision.config import VisionConfig
+from megatron_omni.config.encoders import VisionConfig
 
 
 def load_video(path: str, *, vision: VisionConfig, max_frames: int, max_tokens: int, sampling: str = "uniform",

@@ -16,7 +16,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import init_method_normal
 from torch import Tensor
 
-from megatron_omni.models.audio.config import AudioConfig, _ceil_div
+from megatron_omni.config.encoders import AudioConfig, _ceil_div
 
 
 class AudioConnector(MegatronModule):

@@ -28,9 +28,9 @@ from megatron.core.transformer import TransformerConfig
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron_omni.models.audio.config import AudioConfig, encoder_frame_count
+from megatron_omni.config.encoders import AudioConfig, encoder_frame_count
 from megatron_omni.models.audio.connector import AudioConnector, ConnectedAudioEncoder, frame_mask
-from megatron_omni.models.audio.whisper import sinusoids
+from megatron_omni.models.audio.positions import sinusoids
 
 
 def lfr_stack(features: Tensor, lengths: Tensor, m: int, n: int) -> Tensor:

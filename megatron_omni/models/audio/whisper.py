@@ -21,7 +21,6 @@ After an external re-initialisation call `zero_key_bias_()` again.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -35,8 +34,10 @@ from torch import Tensor, nn
 
 from megatron_omni.models.kernels import megatron_softmax_kernels
 from megatron_omni.models.encoder_config import bidirectional_encoder_config
-from megatron_omni.models.audio.config import AudioConfig, encoder_frame_count
+from megatron_omni.config.encoders import AudioConfig, encoder_frame_count
 from megatron_omni.models.audio.connector import AudioConnector, ConnectedAudioEncoder, frame_mask
+from megatron_omni.models.audio.positions import sinusoids
+from megatron_omni.models.audio.sanm import SANMEncoder
 
 
 def encoder_transformer_config(
@@ -72,15 +73,6 @@ def encoder_layer_spec(num_layers: int) -> TransformerBlockSubmodules:
     layer = copy.deepcopy(get_gpt_layer_local_spec(normalization="LayerNorm"))
     layer.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.padding}
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=layer.submodules.input_layernorm)
-
-
-def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
-    """Whisper's sinusoidal table [length, channels]: [sin(t * w_i) | cos(t * w_i)],
-    w_i = max_timescale ** (-i / (channels/2 - 1))."""
-    half = channels // 2
-    inv = torch.exp(-math.log(max_timescale) / (half - 1) * torch.arange(half, dtype=torch.float64))
-    t = torch.arange(length, dtype=torch.float64)[:, None] * inv[None, :]
-    return torch.cat([t.sin(), t.cos()], dim=1).float()
 
 
 def key_padding_mask(lengths: Tensor, max_len: int, device: torch.device) -> Optional[Tensor]:
@@ -146,6 +138,4 @@ def build_audio_encoder(audio: AudioConfig, params_dtype: torch.dtype = torch.fl
     config = encoder_transformer_config(audio, params_dtype=params_dtype)
     if audio.encoder_type == "whisper":
         return WhisperStyleEncoder(audio, config)
-    from megatron_omni.models.audio.sanm import SANMEncoder
-
     return SANMEncoder(audio, config)

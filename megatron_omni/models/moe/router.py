@@ -44,7 +44,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_omni.models.moe.stats import RoutingCounter
+from megatron_omni.models.moe.counter import RoutingCounter
 
 
 @dataclass(frozen=True)

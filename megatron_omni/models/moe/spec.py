@@ -14,7 +14,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_omni.models.kernels import Kernels
-from megatron_omni.models.moe.config import MoEConfig
+from megatron_omni.config.moe import MoEConfig
 from megatron_omni.models.moe.router import NullExpertRouter, NullRoutingOptions
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """NaViT-style vision encoder (Qwen2-VL vision-tower architecture) on megatron-core."""
 
-from megatron_omni.models.vision.config import VisionConfig
+from megatron_omni.config.encoders import VisionConfig
 from megatron_omni.models.vision.encoder import (
     NaViTEncoder,
     block_diagonal_mask,

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from megatron_omni.models.encoder_config import bidirectional_encoder_config
 from megatron_omni.models.kernels import Kernels, detect_kernels, weight_gradient_fusion
-from megatron_omni.models.vision.config import VisionConfig
+from megatron_omni.config.encoders import VisionConfig
 
 __all__ = [
     "NaViTEncoder",

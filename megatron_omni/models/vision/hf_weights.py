@@ -16,7 +16,7 @@ import torch
 from megatron.core import parallel_state
 from torch import Tensor
 
-from megatron_omni.models.vision.config import VisionConfig
+from megatron_omni.config.encoders import VisionConfig
 
 __all__ = ["hf_to_megatron", "megatron_to_hf", "load_hf_state_dict", "qkv_hf_to_megatron", "qkv_megatron_to_hf"]
 
