@@ -154,7 +154,7 @@ def _print_table(report: Dict, gpu_mem: float) -> None:
     c = report["cluster"]
     eff = report["assumptions"]["efficiency_of_dense_peak"]
     print(f"Model {report['model']}: {j['params'] / 1e9:.2f}B params, {report['flops_per_token']:.3e} FLOPs/token "
-          f"at seq {j['seq_len']} (Megatron-LM formula)")
+          f"at seq {j['seq_len']} (Megatron-LM formula, one unpacked sequence per row)")
     print(f"Cluster: {c['num_gpus']} x {c['gpu']} ({c['gpus_per_node']}/node, {gpu_mem:.1f} GiB, "
           f"NVLink {c['nvlink_gb_s']:.0f} GB/s, IB {c['ib_gb_s']:.0f} GB/s per GPU); "
           f"GBS {j['global_batch']}, {j['precision']}")
@@ -263,8 +263,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "ib_gb_s": cluster.gpu.ib_gb_s},
         "job": {"seq_len": job.seq_len, "global_batch": job.global_batch, "precision": job.precision,
                 "params": param_counts(model).total},
-        # Megatron-LM model FLOPs per token at tp=1 (each layout also reports its own, with its
-        # TP-padded vocabulary).
+        # Megatron-LM model FLOPs per token at tp=1, one unpacked sequence per row (each layout also
+        # reports its own, with its TP-padded vocabulary and, for omni rows, packed samples' sum L_i^2
+        # attention and the encoders).
         "flops_per_token": F.flops_per_token(model, job.seq_len),
         "assumptions": _describe_assumptions(assumptions),
     }

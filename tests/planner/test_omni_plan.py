@@ -108,9 +108,16 @@ def test_uneven_first_stage_balances_the_encoders():
 
 
 def test_omni_rules_megatron_omni_enforces():
+    """The trainer's omni CP rules (config/validate.py): a THD attention path, no pipeline, no DPO rows."""
     job = load_job("configs/m2omni_72b/stages/pt3.yaml")
-    with pytest.raises(ConfigError, match="context parallelism is not supported for omni"):
-        check_layout(job, Layout(tp=8, cp=2), 128)
+    check_layout(job, Layout(tp=8, cp=2), 128)  # THD (auto) packed attention, pp=1: runs
+    with pytest.raises(ConfigError, match="parallel.pp=2 is not supported for omni runs"):
+        check_layout(job, Layout(tp=8, pp=2, cp=2), 128)
+    with pytest.raises(ConfigError, match="dense block-diagonal mask has no context parallelism"):
+        check_layout(load_job("configs/m2omni_72b/stages/pt3.yaml", ["model.packed_attention=dense"]),
+                     Layout(tp=8, cp=2), 128)
+    with pytest.raises(ConfigError, match="preference \\(DPO\\) rows"):
+        check_layout(load_job("configs/m2omni_72b/stages/at.yaml"), Layout(tp=8, cp=2), 128)
     with pytest.raises(ConfigError, match="balance.mode=accumulation"):  # 4 modalities + text need >= 5
         check_layout(dataclasses.replace(job, global_batch=16), Layout(tp=8), 128)
 
@@ -139,8 +146,9 @@ def test_cli_omni_json_and_chain():
     assert report["job"]["params"] == 71_559_954_112  # python -m megatron_omni.models.summary: the built model (incl. 1,120 fixed SAN-M CMVN statistics)
     for d in report["layouts"]:
         assert d["fits"] and d["cp"] == 1 and "parallel.tp=" + str(d["tp"]) in d["overrides"]
-        # encoders add FLOPs on top of the LLM's
-        assert d["flops_per_token"] > report["flops_per_token"]
+        # encoders add FLOPs on top of the LLM's; packed rows' attention (sum L_i^2) is below one S^2 row's
+        assert d["flops_per_token"] > d["llm_flops_per_token"]
+        assert d["llm_flops_per_token"] < report["flops_per_token"]
     bad = subprocess.run(plan + ["--model", "configs/model/llama3_70b.yaml", "--gpus", "64"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "give --global-batch" in bad.stderr
@@ -169,7 +177,7 @@ def test_media_measured_on_the_stage_data(tmp_path):
 
 
 def test_memory_prices_the_packed_attention_path_the_config_selects():
-    """`model.packed_attention=dense` keeps heads x s^2 scores per layer (2 bytes each, no dropout);
+    """`model.packed_attention=dense` keeps heads x s^2 scores per layer (no dropout);
     the THD paths (te / torch / auto) keep none -- the only difference between the plans."""
     from megatron_omni.planner.memory import MemoryAssumptions, estimate_memory, layer_activation_bytes_per_token
 
@@ -180,5 +188,6 @@ def test_memory_prices_the_packed_attention_path_the_config_selects():
         per_token[backend] = layer_activation_bytes_per_token(job.model, job, layout, MemoryAssumptions())
         total[backend] = estimate_memory(job, layout, 128).activations_gib
     assert per_token["torch"] == per_token["te"] == per_token["auto"]
-    assert per_token["dense"] - per_token["torch"] == job.model.num_attention_heads * job.seq_len * 2
+    # 8192 keys: over the fused softmax kernel's 4096, fp32 softmax output + bf16 probabilities (6 bytes)
+    assert per_token["dense"] - per_token["torch"] == job.model.num_attention_heads * job.seq_len * 6
     assert total["dense"] > total["torch"]
