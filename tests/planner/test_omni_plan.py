@@ -127,7 +127,8 @@ def test_omni_rules_megatron_omni_enforces():
 def test_configured_chain_layouts_fit_every_stage():
     """The 9B / 72B stage configs carry the layout `plan.py --chain` ranks first: it fits every
     stage that takes it (the long-video stages have their own, tests/planner/test_long_video_configs.py)
-    and none runs below 93% of its own best layout."""
+    and none runs below 90% of its own best layout (planned: 9B 96.9%, 72B 90.6% -- 72B PT-2 alone
+    would rather run tp=4, cp=2)."""
     import yaml
 
     for size, gpus in (("m2omni_9b", 8), ("m2omni_72b", 128)):
@@ -141,7 +142,9 @@ def test_configured_chain_layouts_fit_every_stage():
                             micro_batch=cfg.train.micro_batch_size)  # encoder recompute: as configured
         chain = {c.layout: c for c in plan_chain(jobs, make_cluster("h100", gpus))}
         assert configured in chain, (size, configured.describe())
-        assert chain[configured].worst_ratio >= 0.93
+        best = max(c.worst_ratio for c in chain.values())
+        assert chain[configured].worst_ratio == pytest.approx(best, abs=1e-3)  # the chain's #1 (ties: vpp)
+        assert chain[configured].worst_ratio >= 0.90
 
 
 def test_cli_omni_json_and_chain():
