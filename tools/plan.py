@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--media-fraction", help="omni: share of a packed row's tokens that are media, per modality, "
                                             "e.g. image=0.75,video=0.85,audio=0.5 (the defaults)")
     p.add_argument("--audio-seconds", type=float, help="omni: length of one audio clip (default 30)")
+    p.add_argument("--text-sample-tokens", type=int,
+                   help="omni: length of one sample in a packed text row (attention is sum L_i^2 over the row's "
+                        "samples; default: the whole row is one sample, the upper bound)")
     p.add_argument("--media-from-data", action="store_true",
                    help="omni stage config: measure the media share of packed rows and the audio clip length on "
                         "the stage's data (data.root, data.omni_blend) instead of assuming them")
@@ -103,7 +106,8 @@ def _media(args, path: str) -> MediaAssumptions:
         except ValueError:
             raise ConfigError(f"--media-fraction item {item!r} must look like image=0.75") from None
     seconds = base.audio_seconds if args.audio_seconds is None else args.audio_seconds
-    return MediaAssumptions(media_fraction=fractions, audio_seconds=seconds, source=base.source)
+    return MediaAssumptions(media_fraction=fractions, audio_seconds=seconds, source=base.source,
+                            text_sample_tokens=args.text_sample_tokens)
 
 
 def load_job(args, path: Optional[str] = None) -> Job:
@@ -154,7 +158,7 @@ def _print_table(report: Dict, gpu_mem: float) -> None:
     c = report["cluster"]
     eff = report["assumptions"]["efficiency_of_dense_peak"]
     print(f"Model {report['model']}: {j['params'] / 1e9:.2f}B params, {report['flops_per_token']:.3e} FLOPs/token "
-          f"at seq {j['seq_len']} (Megatron-LM formula)")
+          f"at seq {j['seq_len']} (Megatron-LM formula, one unpacked sequence per row)")
     print(f"Cluster: {c['num_gpus']} x {c['gpu']} ({c['gpus_per_node']}/node, {gpu_mem:.1f} GiB, "
           f"NVLink {c['nvlink_gb_s']:.0f} GB/s, IB {c['ib_gb_s']:.0f} GB/s per GPU); "
           f"GBS {j['global_batch']}, {j['precision']}")
@@ -169,10 +173,12 @@ def _print_table(report: Dict, gpu_mem: float) -> None:
         shares = o.get("modality_shares")
         mix = ", ".join(f"{m} {100 * v:.0f}%" for m, v in shares.items()) if shares else "-"
         print(f"  microbatch mix ({o['scheduler_mode']}): {mix}; Table 2 limits: {o['max_image_tokens']} image "
-              f"tokens, {o['max_video_frames']} video frames")
+              f"tokens, {o['max_video_frames']} video frames ({o['max_video_tokens'] or o['max_image_tokens']} tokens a clip)")
         media = ", ".join(f"{m} {v:.2f}" for m, v in o["media_fraction"].items())
-        print(f"  media share of a row: {media}, audio clips {o['audio_seconds']:.1f} s ({o['media_source']}; "
-              f"--media-from-data, --media-fraction, --audio-seconds); '1st' = decoder layers "
+        text = o["text_sample_tokens"] or "the whole row"
+        print(f"  media share of a row: {media}, audio clips {o['audio_seconds']:.1f} s, text rows: samples of "
+              f"{text} tokens ({o['media_source']}; "
+              f"--media-from-data, --media-fraction, --audio-seconds, --text-sample-tokens); '1st' = decoder layers "
               f"on the encoders' stage (parallel.first_stage_num_layers), '+enc' = encoder recompute")
     s = report.get("search")
     if s:
@@ -263,8 +269,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "ib_gb_s": cluster.gpu.ib_gb_s},
         "job": {"seq_len": job.seq_len, "global_batch": job.global_batch, "precision": job.precision,
                 "params": param_counts(model).total},
-        # Megatron-LM model FLOPs per token at tp=1 (each layout also reports its own, with its
-        # TP-padded vocabulary).
+        # Megatron-LM model FLOPs per token at tp=1, one unpacked sequence per row (each layout also
+        # reports its own, with its TP-padded vocabulary and, for omni rows, packed samples' sum L_i^2
+        # attention and the encoders).
         "flops_per_token": F.flops_per_token(model, job.seq_len),
         "assumptions": _describe_assumptions(assumptions),
     }

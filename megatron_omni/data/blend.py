@@ -51,6 +51,10 @@ class BlendConfig:
     max_image_tokens: int = 320
     # Paper Table 2: max video frames 8 (PT3) / 16 (IT2) / 128 (IT3, AT); None = no video this stage.
     max_video_frames: Optional[int] = None
+    # LLM tokens of one whole video clip (data/media/geometry.plan_video splits them over its temporal
+    # groups); None = max_image_tokens.  Not in the paper: 128 frames in 2560 tokens leave 20 tokens a
+    # frame, so the long-video stages set their own budget (configs/data/it3.yaml).
+    max_video_tokens: Optional[int] = None
     seed: int = 1234  # of the held-out split
 
     def __post_init__(self):
@@ -84,6 +88,9 @@ class BlendConfig:
                 raise ConfigError(f"{where}: validation[{m}] must be >= 0, got {n}")
         if self.max_image_tokens < 4:
             raise ConfigError(f"{where}: max_image_tokens must be >= 4, got {self.max_image_tokens}")
+        if self.max_video_tokens is not None and self.max_video_tokens < 4:
+            raise ConfigError(f"{where}: max_video_tokens must be >= 4 (or null = max_image_tokens), "
+                              f"got {self.max_video_tokens}")
 
     @property
     def modalities(self) -> List[str]:

@@ -52,7 +52,8 @@ def build_omni_loader(blend: BlendConfig, *, root: str, tokenizer, vocab, vision
     splits = split_heldout(blend, read_blend_manifests(blend, root))
     build_kwargs = dict(root=root, tokenizer=tokenizer, vocab=vocab, vision=vision, audio=audio,
                         max_image_tokens=blend.max_image_tokens, max_video_frames=blend.max_video_frames,
-                        max_video_tokens=max_video_tokens, template=ChatTemplate(tokenizer, vocab))
+                        max_video_tokens=max_video_tokens or blend.max_video_tokens,
+                        template=ChatTemplate(tokenizer, vocab))
     specs: Dict[str, ModalitySpec] = {}
     for modality in blend.modalities:
         sources = [s for s in blend.sources if s.modality == modality]

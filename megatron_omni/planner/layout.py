@@ -21,6 +21,7 @@ from megatron_omni.config.schema import (
     TrainConfig,
 )
 from megatron_omni.config.validate import validate
+from megatron_omni.training.dpo import DPOConfig
 
 if TYPE_CHECKING:
     from megatron_omni.planner.omni import OmniWorkload
@@ -177,12 +178,16 @@ def launch_overrides(job: Job, layout: Layout) -> List[str]:
 
 
 def run_config(job: Job, layout: Layout) -> RunConfig:
-    """The RunConfig this layout would launch with (sequence parallel whenever tp > 1)."""
+    """The RunConfig this layout would launch with (sequence parallel whenever tp > 1); an omni job's
+    carries its omni section and, for a stage with preference rows, its `dpo:` (mock data: the
+    planner checks the layout, not the data paths)."""
     granularity = None if layout.recompute == "none" else layout.recompute
     model = dataclasses.replace(
         job.model,
         fp8="hybrid" if job.fp8 else None,
         transformer_impl="auto",
+        # `te` needs TE where the plan is made; on the cluster `auto` is `te` (the same rules)
+        packed_attention="auto" if job.model.packed_attention == "te" else job.model.packed_attention,
         recompute_granularity=granularity,
         recompute_method="uniform" if layout.recompute == "full" else None,
         recompute_num_layers=1 if layout.recompute == "full" else None,
@@ -193,22 +198,27 @@ def run_config(job: Job, layout: Layout) -> RunConfig:
         sequence_parallel=layout.tp > 1, use_distributed_optimizer=True,
         overlap_grad_reduce=True, overlap_param_gather=True,
     )
+    omni = job.omni
     return RunConfig(
         model=model,
         parallel=parallel,
-        data=DataConfig(blend=[DataSource(path="planner")], seq_length=job.seq_len),
+        data=DataConfig(blend=[DataSource(path="planner")], seq_length=job.seq_len, mock=omni is not None),
         train=TrainConfig(steps=1, micro_batch_size=layout.micro_batch, global_batch_size=job.global_batch,
                           precision="bf16", tensorboard=False),
+        omni=None if omni is None else omni.omni,
+        dpo=DPOConfig() if omni is not None and omni.preference_rows else None,
     )
 
 
 def check_layout(job: Job, layout: Layout, num_gpus: int) -> None:
     """Raise ConfigError (one line) if megatron would reject this layout on `num_gpus` GPUs.
 
-    `validate` asks whether *this* machine has Transformer Engine before allowing cp > 1;
-    the planner targets a GPU cluster with TE, so that one environment check is left out:
-    CP is folded into the world size handed to validate (dp = gpus / (tp*pp*cp) is
-    unchanged) and the CP/EP rules that depend on cp are checked here instead.
+    `validate` asks whether *this* machine has Transformer Engine before allowing cp > 1 for a
+    text LLM; the planner targets a GPU cluster with TE, so that one environment check is left out:
+    CP is folded into the world size handed to validate (dp = gpus / (tp*pp*cp) is unchanged) and
+    the CP/EP rules that depend on cp are checked here instead.  An omni job is validated with its
+    real cp: the trainer's omni CP rules (a THD packed attention path, pp = 1, no preference rows)
+    need no TE.
     """
     if layout.recompute not in RECOMPUTE:
         raise ConfigError(f"recompute={layout.recompute!r} is not one of {list(RECOMPUTE)}")
@@ -225,10 +235,10 @@ def check_layout(job: Job, layout: Layout, num_gpus: int) -> None:
         raise ConfigError(f"ep={layout.ep} must divide dp*cp={layout.dp(num_gpus) * layout.cp}")
     if job.omni is None and (layout.first_stage_layers is not None or layout.encoder_recompute is not None):
         raise ConfigError("first= and encoder_recompute= are for omni models (encoders on the first stage)")
-    if job.omni is not None and layout.cp > 1:
-        raise ConfigError("context parallelism is not supported for omni models (the trainer rejects it)")
-    cfg = run_config(job, dataclasses.replace(layout, cp=1, ep=1))
-    validate(cfg, num_gpus // layout.cp)
+    if job.omni is not None:
+        validate(run_config(job, dataclasses.replace(layout, ep=1)), num_gpus)
+    else:
+        validate(run_config(job, dataclasses.replace(layout, cp=1, ep=1)), num_gpus // layout.cp)
     if job.omni is not None:
         try:  # the modality scheduler must be able to plan this many microbatches per update
             job.omni.modality_shares(layout.num_microbatches(num_gpus, job.global_batch))

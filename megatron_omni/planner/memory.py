@@ -12,8 +12,9 @@ d = dp*cp here.  megatron-omni's DDP uses grad_reduce_in_fp32=True (training/set
 Activations follow the per-layer accounting of Korthikanti et al., "Reducing
 Activation Recomputation in Large Transformer Models" (2022): a GPT layer stores
 ``s*b*h*(34 + 5*a*s/h)`` bytes; tensor + sequence parallelism divide all of it by t;
-selective recomputation (of core attention) removes the ``5*a*s^2*b`` term, and
-flash attention never materialises it in the first place (packed omni rows: the THD paths of
+selective recomputation (of core attention) removes the ``5*a*s^2*b`` term (2 bytes of softmax
+output a score there; 6 when softmax falls back to fp32 in torch, rows over the fused kernel's
+4096 keys), and flash attention never materialises it in the first place (packed omni rows: the THD paths of
 `model.packed_attention`; its `dense` block-diagonal mask path stores the s^2 scores again).  The 34 is for GPT (4h GeLU
 MLP, LayerNorm, dropout); the same bookkeeping for a Llama layer (RMSNorm, GQA, SwiGLU
 with ffn_hidden_size f, no dropout, flash attention), in bytes per token:
@@ -51,6 +52,11 @@ from megatron_omni.training import flops as F
 @dataclass(frozen=True)
 class MemoryAssumptions:
     flash_attention: bool = True  # TE fused/flash attention: no s^2 tensors are stored
+    # Longest key length whose s^2 scores a fused softmax kernel handles, keeping only the bf16
+    # probabilities (2 bytes a score): megatron-core 0.16.1 `FusedScaleMaskSoftmax.is_kernel_available`,
+    # 16 < sk <= 4096.  Longer rows (and CPU runs: 0) take its torch fallback, softmax in fp32: the
+    # fp32 output kept for the softmax backward + its bf16 copy kept by the probs x V GEMM, 6 bytes.
+    fused_softmax_max_seq: int = 4096
     grad_fp32: bool = True  # fp32 gradient buffer (megatron-omni: grad_reduce_in_fp32=True)
     distributed_optimizer: bool = True
     # TE keeps an FP8 copy of every GEMM weight and of its transpose across microbatches
@@ -167,9 +173,10 @@ def layer_activation_bytes_per_token(model: ModelConfig, job: Job, layout: Layou
     dropout_masks = 2 * h if model.hidden_dropout > 0 else 0  # 1-byte masks after attention and MLP
     core = 0.0
     if stores_attention_scores(job, a) and layout.recompute == "none":
-        # softmax output (2 bytes), + dropout mask and output (3 bytes) with attention dropout:
-        # the paper's 5*a*s^2*b, per token: heads * s_kv * bytes
-        per_score = 2 + (3 if model.attention_dropout > 0 else 0)
+        # softmax output (2 bytes; 6 from the fp32 fallback, `MemoryAssumptions.fused_softmax_max_seq`),
+        # + dropout mask and output (3 bytes) with attention dropout: the paper's 5*a*s^2*b, per
+        # token: heads * s_kv * bytes (the dense mask scores the whole row, whatever its samples)
+        per_score = (2 if job.seq_len <= a.fused_softmax_max_seq else 6) + (3 if model.attention_dropout > 0 else 0)
         core = model.num_attention_heads * job.seq_len * per_score
     return attention + mlp + dropout_masks + core
 
@@ -207,7 +214,7 @@ def encoder_activation_bytes(job: Job, layout: Layout, num_microbatches: int) ->
     if w is None:
         return 0.0
     kept = [m for m in ENCODER_MODULES if w.keeps_activations(m)]
-    per_row = max((sum(w.row_media(mod, job.seq_len, layout.micro_batch).activation_bytes(m, layout.tp)
+    per_row = max((sum(w.row_media(mod, job.seq_len, layout.micro_batch, layout.cp).activation_bytes(m, layout.tp)
                        for m in kept) for mod in w.modalities), default=0.0)
     return in_flight_microbatches(layout, num_microbatches, 0) * per_row
 

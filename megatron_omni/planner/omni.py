@@ -6,7 +6,14 @@ What is read from the stage config (nothing here is a new hyper-parameter):
 * trainable modules: `omni.freeze` (paper Table 2 "trainable modules") and `lora` (AT);
 * the modality of every pipeline microbatch: `ModalityRoundScheduler` on the `balance` section
   (or the loop's default plan, `training/omni_data.py`), the pure-text share of Sec. 3.3;
-* media sizes: the blend's Table 2 limits (`max_image_tokens`, `max_video_frames`).
+* media sizes: the blend's Table 2 limits (`max_image_tokens`, `max_video_frames`) and its clip
+  budget (`max_video_tokens`, else `max_image_tokens`, as the loader's `plan_video` applies it);
+* DPO (`dpo:`): the trainer runs preference rows without context parallelism.
+
+Attention work of a packed row: causal inside each sample, nothing across (the THD paths and the
+dense block-diagonal mask compute the same products), so a row of samples L_1..L_n costs
+sum L_i^2 (`training/flops.py`).  `row_segments` models the samples of a row: one per media item
+(with its share of the row's text) and `MediaAssumptions.text_sample_tokens` for text rows.
 
 What the planner cannot see in a config -- how much of a packed row is media, how long the
 audio clips are -- is a `MediaAssumptions`, printed with every plan and overridable.
@@ -56,11 +63,14 @@ class MediaAssumptions:
     prompts, answers, chat template).  Images and video frames take their stage's Table 2
     limit (`max_image_tokens`, `max_video_frames`) -- an upper bound; audio clips last
     `audio_seconds`.  Modalities not listed (text, DPO preference rows) carry no media.
+    `text_sample_tokens`: length of one sample of a text row (None = the whole row is one
+    sample, the upper bound of its attention work).
     """
 
     media_fraction: Mapping[str, float] = field(
         default_factory=lambda: {"image": 0.75, "video": 0.85, "audio": 0.5})
     audio_seconds: float = 30.0
+    text_sample_tokens: Optional[int] = None
     source: str = "assumed"  # or what they were measured on (planner/media_stats.py)
 
     def __post_init__(self):
@@ -71,6 +81,8 @@ class MediaAssumptions:
                 raise ConfigError(f"media fraction of {m} must lie in [0, 1], got {f}")
         if self.audio_seconds <= 0:
             raise ConfigError(f"audio_seconds must be > 0, got {self.audio_seconds}")
+        if self.text_sample_tokens is not None and self.text_sample_tokens < 1:
+            raise ConfigError(f"text_sample_tokens must be >= 1, got {self.text_sample_tokens}")
 
 
 @dataclass(frozen=True)
@@ -106,9 +118,11 @@ class OmniWorkload:
     max_image_tokens: int
     max_video_frames: Optional[int]
     lora_fraction: Optional[float] = None
+    max_video_tokens: Optional[int] = None  # one clip's LLM tokens; None = max_image_tokens (the loader's rule)
+    preference_rows: bool = False  # the stage has a `dpo:` section (no context parallelism, config/validate.py)
     media: MediaAssumptions = field(default_factory=MediaAssumptions)
     stage: str = ""  # what the workload was read from, for reports
-    _rows: Dict[Tuple[str, int, int], "RowMedia"] = field(default_factory=dict, compare=False, repr=False)
+    _rows: Dict[Tuple[str, int, int, int], "RowMedia"] = field(default_factory=dict, compare=False, repr=False)
     _variants: Dict[bool, "OmniWorkload"] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -159,11 +173,13 @@ class OmniWorkload:
         return _shares(self.balance, num_microbatches)
 
     # ------------------------------------------------------------ media of one row
-    def row_media(self, modality: str, seq_len: int, micro_batch: int = 1) -> RowMedia:
-        """Encoder work of one microbatch of `modality` (rows of `seq_len` tokens)."""
-        key = (modality, seq_len, micro_batch)
+    def row_media(self, modality: str, seq_len: int, micro_batch: int = 1, cp: int = 1) -> RowMedia:
+        """Encoder work of one microbatch of `modality` (rows of `seq_len` tokens) on the busiest of
+        `cp` context-parallel ranks: each encodes a contiguous run of the items
+        (`parallel/context_parallel.cp_item_range`); one long clip is not split."""
+        key = (modality, seq_len, micro_batch, cp)
         if key not in self._rows:
-            self._rows[key] = self._row_media(modality, seq_len, micro_batch)
+            self._rows[key] = self._row_media(modality, seq_len, micro_batch, cp)
         return self._rows[key]
 
     def model_flops_per_microbatch(self, seq_len: int, micro_batch: int, num_microbatches: int) -> float:
@@ -173,18 +189,45 @@ class OmniWorkload:
                    for m, share in self.modality_shares(num_microbatches).items()
                    for module, flops in self.row_media(m, seq_len, micro_batch).forward_flops.items())
 
-    def _row_media(self, modality: str, seq_len: int, micro_batch: int) -> RowMedia:
-        fraction = self.media.media_fraction.get(modality, 0.0)
+    def media_items(self, modality: str, seq_len: int) -> int:
+        """Media items (images, clips) in one packed row of `modality`; 0 for rows without media."""
+        tokens = int(self.media.media_fraction.get(modality, 0.0) * seq_len)
         encoder = MEDIA_ENCODER.get(modality)
-        tokens = int(fraction * seq_len) * micro_batch
         if encoder == "vision" and self.omni.vision is not None and tokens:
-            grid = self._vision_grid(modality)
-            items = max(1, tokens // _vision_tokens(grid, self.omni.vision))
-            return _vision_row(self.omni.vision, grid, items)
+            return max(1, tokens // _vision_tokens(self._vision_grid(modality), self.omni.vision))
         if encoder == "audio" and self.omni.audio is not None and tokens:
-            frames = int(self.media.audio_seconds * FBANK_FRAMES_PER_S)
-            items = max(1, tokens // int(audio_token_count(frames, self.omni.audio)))
-            return _audio_row(self.omni.audio, frames, items)
+            return max(1, tokens // int(audio_token_count(self._audio_frames, self.omni.audio)))
+        return 0
+
+    def row_segments(self, modality: str, seq_len: int) -> List[int]:
+        """Sample lengths of one packed row of `modality` (module docstring): a media row holds one
+        sample per media item, the row split evenly among them; a text row samples of
+        `text_sample_tokens` (the last one shorter), or the whole row."""
+        items = self.media_items(modality, seq_len)
+        if items:
+            return [seq_len // items + (1 if i < seq_len % items else 0) for i in range(items)]
+        sample = min(self.media.text_sample_tokens or seq_len, seq_len)
+        return [sample] * (seq_len // sample) + ([seq_len % sample] if seq_len % sample else [])
+
+    def row_segment_mix(self, seq_len: int, num_microbatches: int) -> List[Tuple[float, List[int]]]:
+        """(share of the microbatches, sample lengths of one row) per modality of the step."""
+        return [(share, self.row_segments(m, seq_len)) for m, share in self.modality_shares(num_microbatches).items()]
+
+    @property
+    def _audio_frames(self) -> int:
+        return int(self.media.audio_seconds * FBANK_FRAMES_PER_S)
+
+    def _row_media(self, modality: str, seq_len: int, micro_batch: int, cp: int) -> RowMedia:
+        from megatron_omni.parallel.context_parallel import cp_item_range
+
+        items = self.media_items(modality, seq_len) * micro_batch
+        if cp > 1 and items:  # the trainer's own split of equal items: the busiest rank's share
+            items = max(hi - lo for lo, hi in (cp_item_range([1] * items, cp, r) for r in range(cp)))
+        encoder = MEDIA_ENCODER.get(modality)
+        if encoder == "vision" and items:
+            return _vision_row(self.omni.vision, self._vision_grid(modality), items)
+        if encoder == "audio" and items:
+            return _audio_row(self.omni.audio, self._audio_frames, items)
         return RowMedia({}, {}, {})
 
     def _vision_grid(self, modality: str) -> Tuple[int, int, int]:
@@ -194,7 +237,8 @@ class OmniWorkload:
         if modality == "video":
             frames = self.max_video_frames or vision.temporal_patch_size
             t = max(1, frames // vision.temporal_patch_size)
-            per_slice = max(1, self.max_image_tokens // t)  # the clip shares the token limit
+            # the clip shares its token budget over its temporal groups (data/media/geometry.plan_video)
+            per_slice = max(1, (self.max_video_tokens or self.max_image_tokens) // t)
         else:
             t, per_slice = 1, self.max_image_tokens
         side = max(1, math.isqrt(per_slice))
@@ -205,8 +249,9 @@ class OmniWorkload:
             "stage": self.stage, "modalities": self.modalities, "scheduler_mode": self.balance.mode,
             "pure_text_share": self.balance.pure_text_share, "freeze": list(self.omni.freeze),
             "lora_fraction": self.lora_fraction, "max_image_tokens": self.max_image_tokens,
-            "max_video_frames": self.max_video_frames,
+            "max_video_frames": self.max_video_frames, "max_video_tokens": self.max_video_tokens,
             "media_fraction": dict(self.media.media_fraction), "audio_seconds": self.media.audio_seconds,
+            "text_sample_tokens": self.media.text_sample_tokens,
             "media_source": self.media.source,
         }
 
@@ -355,17 +400,18 @@ def workload_from_config(cfg: RunConfig, media: Optional[MediaAssumptions] = Non
         blend = load_blend(path)
     if blend is not None:
         modalities = list(blend.modalities)
-        limits = (blend.max_image_tokens, blend.max_video_frames, blend.pure_text_share)
+        limits = (blend.max_image_tokens, blend.max_video_frames, blend.pure_text_share, blend.max_video_tokens)
     else:
         modalities = ([m for m in ("image", "video") if cfg.omni.vision is not None]
                       + (["audio"] if cfg.omni.audio is not None else []) + [TEXT])
-        limits = (320, 8 if cfg.omni.vision is not None else None, 0.25)
+        limits = (320, 8 if cfg.omni.vision is not None else None, 0.25, None)
     balance = cfg.balance
     if balance is None:  # the loop's default plan (training/omni_data.py)
         balance = SchedulerConfig(mode="accumulation", modalities=modalities,
                                   pure_text_share=limits[2] if TEXT in modalities else None)
     return OmniWorkload(
         omni=cfg.omni, balance=balance, max_image_tokens=limits[0], max_video_frames=limits[1],
+        max_video_tokens=limits[3], preference_rows=cfg.dpo is not None,
         lora_fraction=cfg.lora.fraction if cfg.lora is not None else None,
         media=media or MediaAssumptions(), stage=source or (blend.stage if blend else "model bundle"),
     )

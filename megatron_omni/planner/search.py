@@ -11,7 +11,7 @@ from megatron_omni.config.schema import ModelConfig
 from megatron_omni.planner.cluster import Cluster
 from megatron_omni.planner.layout import RECOMPUTE, Job, Layout, check_layout, launch_overrides
 from megatron_omni.planner.memory import MemoryAssumptions, MemoryBreakdown, estimate_memory
-from megatron_omni.planner.timing import Efficiency, Overlap, TimeBreakdown, estimate_step
+from megatron_omni.planner.timing import Efficiency, Overlap, TimeBreakdown, estimate_step, row_segment_mix
 from megatron_omni.training import flops as F
 
 MICRO_BATCHES = (1, 2, 4)
@@ -42,6 +42,7 @@ class Estimate:
     fits: bool
     flops_per_token: float
     job: Job
+    llm_flops_per_token: float = 0.0  # the LLM's share of flops_per_token (packed rows: sum L_i^2 attention)
 
     def as_dict(self) -> Dict:
         lay = self.layout
@@ -57,6 +58,7 @@ class Estimate:
             "step_time_s": round(self.time.step_s, 4),
             "fits": self.fits,
             "flops_per_token": self.flops_per_token,
+            "llm_flops_per_token": self.llm_flops_per_token,
             "memory": self.memory.as_dict(),
             "overrides": launch_overrides(self.job, lay),
             "time": self.time.as_dict(),
@@ -71,12 +73,17 @@ def evaluate(job: Job, layout: Layout, cluster: Cluster, assumptions: Assumption
     mem = estimate_memory(job, layout, n, assumptions.memory)
     t = estimate_step(job, layout, cluster, assumptions.efficiency, assumptions.overlap, assumptions.memory)
     weight_grads = job.omni is None or job.omni.trainable("llm")
-    step_flops = F.llm_flops_per_step(job.model, job.global_batch, job.seq_len, tp=layout.tp,
-                                      weight_grads=weight_grads)
+    num_microbatches = layout.num_microbatches(n, job.global_batch)
+    # Per row, the training's own formula on the row's samples (sum L_i^2 attention); a text job's
+    # one sequence per row is Megatron-LM's llm_flops_per_step.
+    step_flops = job.global_batch * sum(
+        share * F.llm_flops(job.model, segments, tp=layout.tp, weight_grads=weight_grads)
+        for share, segments in row_segment_mix(job, num_microbatches))
+    llm_flops = step_flops
     if job.omni is not None:
         microbatches = job.global_batch // layout.micro_batch
         step_flops += microbatches * job.omni.model_flops_per_microbatch(
-            job.seq_len, layout.micro_batch, layout.num_microbatches(n, job.global_batch))
+            job.seq_len, layout.micro_batch, num_microbatches)
     tflops = step_flops / t.step_s / n / 1e12
     return Estimate(
         layout=layout,
@@ -89,6 +96,7 @@ def evaluate(job: Job, layout: Layout, cluster: Cluster, assumptions: Assumption
         fits=mem.total_gib <= cluster.gpu.memory_gib * assumptions.headroom,
         flops_per_token=step_flops / (job.global_batch * job.seq_len),
         job=job,
+        llm_flops_per_token=llm_flops / (job.global_batch * job.seq_len),
     )
 
 

@@ -2,7 +2,8 @@
 
 Compute.  The FLOPs are Megatron-LM's model FLOPs (`training/flops.py`: causal attention
 halved, GQA, SwiGLU, padded vocab), plus the recomputed forward when activations are
-recomputed.  They run at ``efficiency x dense peak``; the efficiencies are the planner's
+recomputed.  Core attention of a packed omni row is sum L_i^2 over its samples
+(`row_segment_mix`), what the THD kernels run; a text LLM row is one sequence, S^2.  They run at ``efficiency x dense peak``; the efficiencies are the planner's
 only fitted constants (see `anchors.py`, which prints the fit).  With FP8 only the decoder
 GEMMs run at the FP8 rate; core attention and the output layer stay at the bf16 rate.  The
 memory-bound ops outside the FLOP count (norms, residual adds, RoPE, SwiGLU) stream their
@@ -33,7 +34,7 @@ n*k consecutive ranks, which decides NVLink vs InfiniBand.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 from megatron_omni.planner.cluster import Cluster
 from megatron_omni.planner.layout import Job, Layout
@@ -121,14 +122,28 @@ def _layer_gemm_forward_flops(job: Job, tokens: int) -> float:
     ) + F.decoder_mlp_forward_flops(m, tokens)
 
 
-def rank_flops_per_microbatch(job: Job, layout: Layout, rank: int) -> Tuple[float, float]:
+def row_segment_mix(job: Job, num_microbatches: int) -> List[Tuple[float, List[int]]]:
+    """(share of the step's microbatches, sample lengths of one row): a text LLM row is one unpacked
+    sequence (Megatron-LM's formula), an omni row the packed samples `OmniWorkload.row_segments`
+    models per modality, mixed as the modality scheduler mixes the microbatches."""
+    if job.omni is None:
+        return [(1.0, [job.seq_len])]
+    return job.omni.row_segment_mix(job.seq_len, num_microbatches)
+
+
+def mean_row_sum_sq(job: Job, num_microbatches: int) -> float:
+    """sum L_i^2 of an average row of the step (`flops.sum_sq_lengths`)."""
+    return sum(share * F.sum_sq_lengths(segments) for share, segments in row_segment_mix(job, num_microbatches))
+
+
+def rank_flops_per_microbatch(job: Job, layout: Layout, rank: int, num_microbatches: int) -> Tuple[float, float]:
     """FLOPs one GPU of pipeline rank `rank` executes per microbatch in its decoder layers (and
     output layer on the last rank), incl. recompute, split into (decoder GEMMs, everything
     else).  With FP8 only the decoder GEMMs run on the FP8 tensor cores; core attention and the
     output layer stay in bf16 (megatron's output layer is not a TE module; FP8 attention is off
     by default).  A frozen omni LLM runs 2 passes (no weight gradients), see `planner/omni.py`."""
     m, s, b = job.model, job.seq_len, layout.micro_batch
-    tokens, sum_sq = b * s, b * s * s
+    tokens, sum_sq = b * s, b * mean_row_sum_sq(job, num_microbatches)
     layers = layout.stage_layers(m.num_layers, rank)
     passes = F.FWD_BWD_FACTOR if job.omni is None else job.omni.passes("llm")
     gemm_fwd = _layer_gemm_forward_flops(job, tokens)
@@ -158,7 +173,7 @@ def encoder_seconds_per_microbatch(job: Job, layout: Layout, rate: float, num_mi
     counts = encoder_params(w.omni)
     seconds = 0.0
     for modality, share in w.modality_shares(num_microbatches).items():
-        row = w.row_media(modality, job.seq_len, layout.micro_batch)
+        row = w.row_media(modality, job.seq_len, layout.micro_batch, layout.cp)
         for module, fwd in row.forward_flops.items():
             c = counts[module]
             split = layout.tp if c.tp_split >= c.replicated else 1
@@ -211,7 +226,7 @@ def estimate_step(
         elementwise_per_layer *= 4 / 3  # the forward third runs twice
 
     def rank_seconds(rank: int) -> float:
-        gemm_flops, other_flops = rank_flops_per_microbatch(job, layout, rank)
+        gemm_flops, other_flops = rank_flops_per_microbatch(job, layout, rank, micro)
         t = (gemm_flops / gemm_rate + other_flops / bf16_rate
              + layout.stage_layers(m.num_layers, rank) * elementwise_per_layer / hbm_rate)
         return t + (encoder_seconds_per_microbatch(job, layout, bf16_rate, micro) if rank == 0 else 0.0)

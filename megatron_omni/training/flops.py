@@ -128,6 +128,13 @@ def _check_lengths(seq_lengths: Sequence[int]) -> None:
         raise ValueError(f"seq_lengths must be non-empty and non-negative, got {seq_lengths!r}")
 
 
+def sum_sq_lengths(seq_lengths: Sequence[int]) -> int:
+    """The core-attention size of a row of samples: sum L_i^2 (attention stays inside a sample; an
+    unpacked sequence of S tokens is [S]).  The THD paths compute exactly these products; the dense
+    block-diagonal mask computes S^2 but only these are model FLOPs."""
+    return sum(int(n) * int(n) for n in seq_lengths)
+
+
 def llm_forward_flops(
     model: ModelConfig, seq_lengths: Sequence[int], *, tp: int = 1, causal: bool = True
 ) -> float:
@@ -138,7 +145,7 @@ def llm_forward_flops(
     """
     _check_lengths(seq_lengths)
     num_tokens = sum(int(n) for n in seq_lengths)
-    sum_sq = sum(int(n) * int(n) for n in seq_lengths)
+    sum_sq = sum_sq_lengths(seq_lengths)
     per_layer = attention_forward_flops(
         num_tokens,
         sum_sq,
@@ -166,7 +173,7 @@ def llm_flops(model: ModelConfig, seq_lengths: Sequence[int], *, tp: int = 1, we
     forward = llm_forward_flops(model, seq_lengths, tp=tp, causal=causal)
     if weight_grads:
         return FWD_BWD_FACTOR * forward
-    sum_sq = sum(int(n) * int(n) for n in seq_lengths)
+    sum_sq = sum_sq_lengths(seq_lengths)
     core = model.num_layers * attention_forward_flops(
         0, sum_sq, hidden_size=model.hidden_size, num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups, head_dim=model.head_dim, causal=causal)

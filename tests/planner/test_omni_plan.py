@@ -92,9 +92,11 @@ def test_encoder_recompute_cuts_first_stage_activations():
     assert plain.memory.rank == "first"  # the encoders make the first stage the fullest
     assert recomputed.memory.encoder_activations_gib < plain.memory.encoder_activations_gib / 4
     assert recomputed.time.compute_s > plain.time.compute_s  # one more encoder forward
-    # frozen encoders (IT-3) keep no activations at all
+    # frozen encoders (IT-3) keep no activations at all (only the trained connectors do)
     it3 = evaluate(load_job("configs/m2omni_72b/stages/it3.yaml"), Layout(tp=8, pp=4), cluster)
-    assert it3.memory.encoder_activations_gib < recomputed.memory.encoder_activations_gib / 10
+    trained = evaluate(load_job("configs/m2omni_72b/stages/it3.yaml", ["omni.freeze=[]", "omni.vision.recompute=false"]),
+                       Layout(tp=8, pp=4), cluster)
+    assert it3.memory.encoder_activations_gib < trained.memory.encoder_activations_gib / 10
 
 
 def test_uneven_first_stage_balances_the_encoders():
@@ -108,25 +110,41 @@ def test_uneven_first_stage_balances_the_encoders():
 
 
 def test_omni_rules_megatron_omni_enforces():
+    """The trainer's omni CP rules (config/validate.py): a THD attention path, no pipeline, no DPO rows."""
     job = load_job("configs/m2omni_72b/stages/pt3.yaml")
-    with pytest.raises(ConfigError, match="context parallelism is not supported for omni"):
-        check_layout(job, Layout(tp=8, cp=2), 128)
+    check_layout(job, Layout(tp=8, cp=2), 128)  # THD (auto) packed attention, pp=1: runs
+    with pytest.raises(ConfigError, match="parallel.pp=2 is not supported for omni runs"):
+        check_layout(job, Layout(tp=8, pp=2, cp=2), 128)
+    with pytest.raises(ConfigError, match="dense block-diagonal mask has no context parallelism"):
+        check_layout(load_job("configs/m2omni_72b/stages/pt3.yaml", ["model.packed_attention=dense"]),
+                     Layout(tp=8, cp=2), 128)
+    with pytest.raises(ConfigError, match="preference \\(DPO\\) rows"):
+        check_layout(load_job("configs/m2omni_72b/stages/at.yaml"), Layout(tp=8, cp=2), 128)
     with pytest.raises(ConfigError, match="balance.mode=accumulation"):  # 4 modalities + text need >= 5
         check_layout(dataclasses.replace(job, global_batch=16), Layout(tp=8), 128)
 
 
 def test_configured_chain_layouts_fit_every_stage():
     """The 9B / 72B stage configs carry the layout `plan.py --chain` ranks first: it fits every
-    stage and none runs below 93% of its own best layout."""
+    stage that takes it (the long-video stages have their own, tests/planner/test_long_video_configs.py)
+    and none runs below 90% of its own best layout (planned: 9B 96.9%, 72B 90.6% -- 72B PT-2 alone
+    would rather run tp=4, cp=2)."""
+    import yaml
+
     for size, gpus in (("m2omni_9b", 8), ("m2omni_72b", 128)):
-        jobs = {s: load_job(f"configs/{size}/stages/{s}.yaml") for s in STAGES}
+        chained = [s for s in STAGES
+                   if "parallel" not in yaml.safe_load(open(f"configs/{size}/stages/{s}.yaml"))]
+        assert "it3" not in chained and "pt3" in chained
+        jobs = {s: load_job(f"configs/{size}/stages/{s}.yaml") for s in chained}
         cfg = load_config(f"configs/{size}/stages/pt3.yaml")
         p = cfg.parallel
-        configured = Layout(tp=p.tp, pp=p.pp, vpp=p.vpp, first_stage_layers=p.first_stage_num_layers,
+        configured = Layout(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, first_stage_layers=p.first_stage_num_layers,
                             micro_batch=cfg.train.micro_batch_size)  # encoder recompute: as configured
         chain = {c.layout: c for c in plan_chain(jobs, make_cluster("h100", gpus))}
         assert configured in chain, (size, configured.describe())
-        assert chain[configured].worst_ratio >= 0.93
+        best = max(c.worst_ratio for c in chain.values())
+        assert chain[configured].worst_ratio == pytest.approx(best, abs=1e-3)  # the chain's #1 (ties: vpp)
+        assert chain[configured].worst_ratio >= 0.90
 
 
 def test_cli_omni_json_and_chain():
@@ -139,8 +157,9 @@ def test_cli_omni_json_and_chain():
     assert report["job"]["params"] == 71_559_954_112  # python -m megatron_omni.models.summary: the built model (incl. 1,120 fixed SAN-M CMVN statistics)
     for d in report["layouts"]:
         assert d["fits"] and d["cp"] == 1 and "parallel.tp=" + str(d["tp"]) in d["overrides"]
-        # encoders add FLOPs on top of the LLM's
-        assert d["flops_per_token"] > report["flops_per_token"]
+        # encoders add FLOPs on top of the LLM's; packed rows' attention (sum L_i^2) is below one S^2 row's
+        assert d["flops_per_token"] > d["llm_flops_per_token"]
+        assert d["llm_flops_per_token"] < report["flops_per_token"]
     bad = subprocess.run(plan + ["--model", "configs/model/llama3_70b.yaml", "--gpus", "64"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "give --global-batch" in bad.stderr
@@ -169,7 +188,7 @@ def test_media_measured_on_the_stage_data(tmp_path):
 
 
 def test_memory_prices_the_packed_attention_path_the_config_selects():
-    """`model.packed_attention=dense` keeps heads x s^2 scores per layer (2 bytes each, no dropout);
+    """`model.packed_attention=dense` keeps heads x s^2 scores per layer (no dropout);
     the THD paths (te / torch / auto) keep none -- the only difference between the plans."""
     from megatron_omni.planner.memory import MemoryAssumptions, estimate_memory, layer_activation_bytes_per_token
 
@@ -180,5 +199,6 @@ def test_memory_prices_the_packed_attention_path_the_config_selects():
         per_token[backend] = layer_activation_bytes_per_token(job.model, job, layout, MemoryAssumptions())
         total[backend] = estimate_memory(job, layout, 128).activations_gib
     assert per_token["torch"] == per_token["te"] == per_token["auto"]
-    assert per_token["dense"] - per_token["torch"] == job.model.num_attention_heads * job.seq_len * 2
+    # 8192 keys: over the fused softmax kernel's 4096, fp32 softmax output + bf16 probabilities (6 bytes)
+    assert per_token["dense"] - per_token["torch"] == job.model.num_attention_heads * job.seq_len * 6
     assert total["dense"] > total["torch"]

@@ -13,17 +13,19 @@ Pipeline::
     2x2 merge + MLP connector: LayerNorm -> view 4 tokens -> Linear -> GELU -> Linear   [N/4, out]
 
 Packed attention (attention never crosses segments; a segment is one frame of one item, i.e.
-``h*w`` tokens, the Qwen2-VL convention):
+``h*w`` tokens, the Qwen2-VL convention), the LLM's backends (`models/packed_attention.py`,
+``packed_attention`` = ``model.packed_attention``: auto | te | torch | dense):
 
-* Transformer Engine available (GPU, ``transformer_impl`` auto/transformer_engine): TE layers and
-  TE's THD attention via ``PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens_kv=cu)``;
-  ``apply_rope_fusion`` is kept off, because megatron's *unfused* THD rotary maps freqs with
-  ``freqs.size(0) == cu_seqlens[-1]`` per token (what the 2D positions need) while the fused TE
-  THD kernel would index them by position-inside-sequence.
-* otherwise (CPU, or "local"): megatron's local ``DotProductAttention`` (which rejects
-  ``packed_seq_params``) with ``attn_mask_type=no_mask`` and an explicit block-diagonal boolean
-  mask ``[1, 1, N, N]`` (True = masked; ``FusedScaleMaskSoftmax``'s torch path fills -10000 before
-  the fp32 softmax, which underflows to exactly 0).
+* ``te`` (auto with Transformer Engine layers): TE's THD attention via
+  ``PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens_kv=cu)``; ``apply_rope_fusion`` is
+  kept off, because megatron's *unfused* THD rotary maps freqs with ``freqs.size(0) ==
+  cu_seqlens[-1]`` per token (what the 2D positions need) while the fused TE THD kernel would index
+  them by position-inside-sequence.
+* ``torch`` (auto without TE: CPU, "local"): the same THD inputs into ``PackedCoreAttention``
+  (varlen_attn on CUDA, per-segment SDPA elsewhere), non-causal: nothing of size N x N.
+* ``dense`` (the reference): an explicit block-diagonal boolean mask ``[1, 1, N, N]`` (True =
+  masked): megatron's local ``DotProductAttention`` (``FusedScaleMaskSoftmax``'s torch path fills
+  -10000 before the fp32 softmax, which underflows to exactly 0), TE's as an arbitrary mask.
 
 In both cases the rotary is applied inside megatron's ``SelfAttention`` from ``rotary_pos_emb``
 (non-interleaved ``rotate_half`` form, head_dim/2 channels for h and head_dim/2 for w).
@@ -56,6 +58,11 @@ from torch import Tensor, nn
 from megatron_omni.models.encoder_config import bidirectional_encoder_config
 from megatron_omni.models.kernels import Kernels, detect_kernels, weight_gradient_fusion
 from megatron_omni.config.encoders import VisionConfig
+from megatron_omni.models.packed_attention import (
+    PackedCoreAttention,
+    resolve_packed_attention,
+    thd_packed_seq_params,
+)
 
 __all__ = [
     "NaViTEncoder",
@@ -169,8 +176,10 @@ def vision_transformer_config(
     )
 
 
-def vision_layer_spec(kernels: Kernels) -> ModuleSpec:
-    """Pre-LN ViT layer: LayerNorm -> SelfAttention (QKV bias, no mask type) -> LayerNorm -> MLP."""
+def vision_layer_spec(kernels: Kernels, packed_attention: str = "auto") -> ModuleSpec:
+    """Pre-LN ViT layer: LayerNorm -> SelfAttention (QKV bias, no mask type) -> LayerNorm -> MLP;
+    core attention of the `packed_attention` path (module docstring)."""
+    backend = resolve_packed_attention(packed_attention, kernels.transformer_engine)
     if kernels.transformer_engine:
         from megatron.core.extensions.transformer_engine import (
             TEDotProductAttention,
@@ -184,7 +193,8 @@ def vision_layer_spec(kernels: Kernels) -> ModuleSpec:
                 input_layernorm=IdentityOp,  # fused into linear_qkv
                 self_attention=ModuleSpec(
                     module=SelfAttention,
-                    params={"attn_mask_type": AttnMaskType.no_mask},  # TE turns THD no_mask into padding
+                    # TE turns THD no_mask into padding; `dense` hands it the block-diagonal mask
+                    params={"attn_mask_type": AttnMaskType.arbitrary if backend == "dense" else AttnMaskType.no_mask},
                     submodules=SelfAttentionSubmodules(
                         linear_qkv=TELayerNormColumnParallelLinear,
                         core_attention=TEDotProductAttention,
@@ -204,10 +214,10 @@ def vision_layer_spec(kernels: Kernels) -> ModuleSpec:
             input_layernorm=WrappedTorchNorm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.no_mask},  # the block-diagonal mask is explicit
+                params={"attn_mask_type": AttnMaskType.no_mask},  # dense: the block-diagonal mask is explicit
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=DotProductAttention,
+                    core_attention=PackedCoreAttention if backend == "torch" else DotProductAttention,
                     linear_proj=RowParallelLinear,
                 ),
             ),
@@ -261,25 +271,27 @@ class NaViTEncoder(MegatronModule):
         params_dtype: parameter dtype.
         kernels: override kernel detection (default: ``detect_kernels(cfg.transformer_impl)``).
         tp: tensor-parallel size (default: megatron's current TP world size).
+        packed_attention: the packed attention path (``model.packed_attention``; module docstring).
 
     ``forward(pixel_values [N, C*T*P*P], grid_thw [n, 3]) -> [N / m^2, out_hidden_size]``; with
     ``return_hidden=True`` also the ViT output before the merger ``[N, hidden_size]``.
     """
 
     def __init__(self, cfg: VisionConfig, *, params_dtype: torch.dtype = torch.float32,
-                 kernels: Optional[Kernels] = None, tp: Optional[int] = None):
+                 kernels: Optional[Kernels] = None, tp: Optional[int] = None, packed_attention: str = "auto"):
         self.kernels = kernels or detect_kernels(cfg.transformer_impl)
         config = vision_transformer_config(cfg, tp=tp, params_dtype=params_dtype, kernels=self.kernels)
         super().__init__(config=config)
         self.cfg = cfg
-        self.use_thd = self.kernels.transformer_engine
+        self.packed_attention = resolve_packed_attention(packed_attention, self.kernels.transformer_engine)
+        self.use_thd = self.packed_attention != "dense"
         self.patch_embed = nn.Conv3d(
             cfg.in_channels, cfg.hidden_size,
             kernel_size=(cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size),
             stride=(cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size),
             bias=False, dtype=params_dtype)
         self.decoder = TransformerBlock(
-            config=config, spec=vision_layer_spec(self.kernels), post_layer_norm=False,
+            config=config, spec=vision_layer_spec(self.kernels, self.packed_attention), post_layer_norm=False,
             pre_process=True, post_process=False)
         self.merger = PatchMergerMLP(config, cfg)
 
@@ -290,6 +302,8 @@ class NaViTEncoder(MegatronModule):
         """(attention_mask, packed_seq_params) for the selected attention path."""
         host = vision_cu_seqlens(grid_thw.cpu())  # sizes read on the host, not from the device copy
         cu = host.to(device)
+        if self.packed_attention == "torch":  # the segment lengths read once, on the host
+            return None, thd_packed_seq_params(host, cu, "torch")
         if self.use_thd:
             max_len = int((host[1:] - host[:-1]).max())
             return None, PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
