@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Submit the M2-omni stage chain (paper Table 2: PT-1 -> PT-2 -> PT-3 -> IT-1 -> IT-2 -> IT-3 -> AT) as SLURM
+# Submit the M2-omni stage chain (paper Table 2: PT-1 -> PT-2 -> PT-3 -> IT-1 -> IT-2 -> IT-3 -> AT, with
+# Uni-MoE 2.0's GSPO stage before AT: "a two-stage RL framework, GSPO followed by DPO") as SLURM
 # jobs of examples/slurm_train.sbatch; each stage starts when the previous one has finished (afterok) and
 # initialises from its last checkpoint (train.pretrained_checkpoint).  Preempted or timed-out stages requeue
 # themselves and resume, so the chain needs no babysitting.
@@ -8,7 +9,8 @@
 #   bash examples/m2omni_stages.sh 9b  [section.key=value ...]     # 1 node x 8 H100
 #
 # Environment: RUNS (output root, default ./runs), NODES (default: the plan's), FROM_STAGE (resubmit the
-# chain from a later stage, e.g. it1), INIT_CHECKPOINT (an omni checkpoint PT-1 starts from; default: from
+# chain from a later stage, e.g. it1), STAGES (default "pt1 pt2 pt3 it1 it2 it3 gspo at"; drop gspo for
+# the paper's chain; GSPO needs verifiable-QA manifests with rewards, configs/data/gspo.yaml), INIT_CHECKPOINT (an omni checkpoint PT-1 starts from; default: from
 # scratch), plus what slurm_train.sbatch reads (CONTAINER_IMAGE, MAX_RESTARTS, NCCL settings).
 # Before the first run set data.root and data.tokenizer_model in configs/m2omni_<size>/stages/base.yaml.
 #
@@ -32,7 +34,7 @@ esac
 shift
 NODES="${NODES:-$PLAN_NODES}"
 RUNS="$(realpath -m "${RUNS:-runs}")"
-STAGES=(pt1 pt2 pt3 it1 it2 it3 at)
+read -r -a STAGES <<< "${STAGES:-pt1 pt2 pt3 it1 it2 it3 gspo at}"
 FROM_STAGE="${FROM_STAGE:-pt1}"
 if [[ " ${STAGES[*]} " != *" $FROM_STAGE "* ]]; then
     echo "error: FROM_STAGE=$FROM_STAGE is not one of ${STAGES[*]}" >&2

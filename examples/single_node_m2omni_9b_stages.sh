@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The M2-omni-9B stage chain (paper Table 2: PT-1 -> ... -> AT) on one 8 x H100 node without SLURM: torchrun
+# The M2-omni-9B stage chain (paper Table 2: PT-1 -> ... -> IT-3 -> AT, with Uni-MoE 2.0's GSPO before AT:
+# "GSPO followed by DPO") on one 8 x H100 node without SLURM: torchrun
 # per stage, each initialised from the previous stage's last checkpoint.  Rerunning the command continues
 # where it stopped: finished stages (training_complete.json) are skipped, a stopped one resumes from its
 # latest checkpoint.
 #
 #   bash examples/single_node_m2omni_9b_stages.sh [section.key=value ...]
 #
-# Environment: RUNS (output root, default ./runs), NPROC (default 8), INIT_CHECKPOINT (an omni checkpoint
+# Environment: RUNS (output root, default ./runs), NPROC (default 8), STAGES (default
+# "pt1 pt2 pt3 it1 it2 it3 gspo at"; drop gspo for the paper's chain: it needs verifiable-QA manifests), INIT_CHECKPOINT (an omni checkpoint
 # PT-1 starts from; default: from scratch).  Set data.root and data.tokenizer_model in
 # configs/m2omni_9b/stages/base.yaml first.
 #
@@ -24,7 +26,7 @@ export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 
 prev=""
-for stage in pt1 pt2 pt3 it1 it2 it3 at; do
+for stage in ${STAGES:-pt1 pt2 pt3 it1 it2 it3 gspo at}; do
     out="$RUNS/m2omni_9b/$stage"
     if [[ -f "$out/training_complete.json" ]]; then
         echo "$stage: done ($out/training_complete.json), skipping"

@@ -29,6 +29,7 @@ for stage in $STAGES; do
         data.root="$OUT/demo_data" parallel.tp="$TP" parallel.pp="$PP" \
         train.output_dir="$OUT/$stage" train.load="$OUT/$stage/checkpoints" \
         train.pretrained_checkpoint="$init" "$@"
+    [[ $stage == gspo ]] && python tools/gspo_rewards.py "$OUT/gspo/metrics.jsonl"  # the reward per rollout batch
     prev=$stage
 done
 echo "per-stage metrics: $OUT/<stage>/metrics.jsonl (losses per modality, modality_weights, val_losses)"

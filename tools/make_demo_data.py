@@ -22,12 +22,13 @@ Layout under --out (one JSONL manifest per source, media paths relative to --out
     manifests/rlqa_image.jsonl     verifiable QA (GSPO stage): colour of the shape (exact match)
     manifests/rlqa_video.jsonl     verifiable QA: direction of motion, option letter (multiple choice)
     manifests/rlqa_audio.jsonl     verifiable QA: number of beeps (numeric)
-    manifests/rlqa_text.jsonl      verifiable QA: sums of two digits (numeric)
+    manifests/rlqa_text.jsonl      verifiable QA: one-digit sums (numeric)
 
 Verifiable QA rows (task ``verifiable_qa``) ask for "Answer: <x>" and carry the checkable answer in
 ``metadata.answer`` (+ ``metadata.choices`` for multiple choice); the GSPO blend
 (configs/data/gspo.yaml) names the reward rules of each source (megatron_omni/rl/rewards.py).
-Their assistant turn is the reference answer, so the same rows also train by SFT.
+Their assistant turn is the reference answer, so the same rows also train by SFT (IT-3's blend has them:
+the tiny GSPO stage then starts from a policy that has seen the answer format).
 
 Every byte is a function of --seed, except the H.264 files (libx264 is not bit-reproducible
 across processes; see megatron_omni/data/media/synth.py).
@@ -353,8 +354,8 @@ def _verifiable_sources(w: _Writer, seed: int) -> None:
         _verifiable(w, "rlqa_audio", i, "audio", f"<audio>{rel}</audio>\nHow many beeps do you hear? "
                     f"{ANSWER_FORMAT.format('number')}", str(n), [rel], duration=len(wave) / SAMPLE_RATE)
     rng = random.Random(f"{seed}-rlqa-text")
-    for i in range(COUNTS["rlqa_text"]):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
+    for i in range(COUNTS["rlqa_text"]):  # one-digit sums (2..8): a tiny policy's guess is sometimes right
+        a, b = rng.randint(1, 4), rng.randint(1, 4)
         _verifiable(w, "rlqa_text", i, "text", f"What is {a} plus {b}? {ANSWER_FORMAT.format('number')}", str(a + b))
 
 

@@ -6,7 +6,10 @@
 3. the omni model (layout-invariant init, models/init.py: bit-identical weights at every layout) with
    image / audio / text / image+audio prompts at TP2xPP2, TP2xPP2xVPP2 and on one rank, plus its
    recompute reference.  Init std 0.3 (not 0.02) gives peaked logits, so greedy choices are not near-ties.
-Results -> JSON (rank 0); the test compares them, and the Llama ones with transformers.
+4. one GSPO step of the tiny stage at TP2xPP2 on the demo data (tests/rl/gspo_grad_step.py: rollouts by
+   `generate` on the training ranks, the GSPO loss through megatron's schedule, DDP's gradients).
+Results -> JSON (rank 0), the GSPO step's loss and full gradients -> OUT.gspo.pt; the test compares
+them with the single rank, and the Llama ones with transformers.
 """
 
 from __future__ import annotations
@@ -185,7 +188,7 @@ def _phase(what: str, start=time.perf_counter()) -> None:
         print(f"[generate_world] {time.perf_counter() - start:6.1f}s {what}", flush=True)
 
 
-def main(out_path: str, ckpt: str, cli_args) -> None:
+def main(out_path: str, ckpt: str, demo_root: str, cli_args) -> None:
     res = {}
     _phase("start")
     # 1. the CLI contract, in this world (tools/generate.py's own run())
@@ -203,6 +206,14 @@ def main(out_path: str, ckpt: str, cli_args) -> None:
         _phase(f"{name} llama")
         run_omni(res, name, cfg.parallel)
         _phase(f"{name} omni")
+    # 4. a GSPO step at TP2xPP2 (its own train state; the single rank runs in the test process)
+    from tests.rl.gspo_grad_step import gspo_grad_step, gspo_step_config
+
+    step = gspo_grad_step(gspo_step_config(demo_root, str(Path(out_path).parent / "gspo_tp2pp2"),
+                                           ["parallel.tp=2", "parallel.pp=2"]))
+    if step is not None:
+        torch.save(step, f"{out_path}.gspo.pt")
+    _phase("tp2pp2 gspo step")
     # TP1 PP1 (DP4): every rank loads, rank 0 is "the single rank".  The TP2 conversion padded the
     # vocabulary to a multiple of 2 x 128 rows; at TP1 the same padding needs a multiple of 256.
     cfg = init_layout(ckpt, ["model.make_vocab_size_divisible_by=256"])
@@ -227,7 +238,7 @@ def main(out_path: str, ckpt: str, cli_args) -> None:
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1], sys.argv[2], sys.argv[3:])
+        main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])
     finally:
         from megatron_omni.parallel.initialize import destroy_distributed
 

@@ -10,6 +10,8 @@
   recomputed from scratch).
 * Seeded temperature/top-k/top-p sampling draws the same tokens at every layout; stop ids end rows;
   bf16 generates at TP2xPP2 and on one rank.
+* A GSPO step of the tiny stage (rollouts, rewards, the GSPO loss through megatron's schedule) at
+  TP2xPP2 == the same step on one rank (this process): rollouts, loss, every gradient (1e-5).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def hf(gqa):
 
 
 @pytest.fixture(scope="module")
-def world(gqa, hf):
+def world(gqa, hf, demo_data):
     """Runs the world; the CLI's stop id is transformers' 4th greedy token of row 0 (so row 0 stops)."""
     ids = gqa["ids"][:, :CLI_PROMPT]
     with torch.no_grad():
@@ -45,10 +47,11 @@ def world(gqa, hf):
     stop = int(free[0, CLI_PROMPT + 3])
     work = gqa["work"]
     np.save(work / "gen_ids.npy", ids)
-    proc = torchrun(4, ["tests/convert/generate_world.py", str(work / "gen.json"), str(gqa["ckpt"]),
+    proc = torchrun(4, ["tests/convert/generate_world.py", str(work / "gen.json"), str(gqa["ckpt"]), str(demo_data),
                         "--prompt-ids", str(work / "gen_ids.npy"), "--output", str(work / "gen_out.npy"),
                         "--max-new-tokens", str(CLI_K), "--greedy", "--stop-ids", str(stop)], timeout=600)
     res = json.loads((work / "gen.json").read_text())
+    res["gspo"] = torch.load(work / "gen.json.gspo.pt")
     res["cli"] = {"ids": ids, "stop": stop, "out": np.load(work / "gen_out.npy"), "stdout": proc.stdout}
     return res
 
@@ -134,3 +137,22 @@ def test_bf16_generates(world):
             assert all(math.isfinite(lp) and lp <= 0 for row in run["logprobs"] for lp in row)
             # the prefill's choice survives bf16 rounding (logits are peaked); later tokens may drift
             assert [r[0] for r in run["tokens"]] == [r[0] for r in fp32], f"{layout}/{model}"
+
+
+def test_gspo_step_tp2pp2_equals_single_rank(world, demo_data, tmp_path):
+    """The same rollouts (seeded sampling is layout-invariant), loss and gradients (rel. 1e-5) as one rank."""
+    from megatron_omni.convert.mcore_io import megatron_world
+    from tests.rl.gspo_grad_step import gspo_grad_step, gspo_step_config
+
+    with megatron_world():
+        ref = gspo_grad_step(gspo_step_config(str(demo_data), str(tmp_path)))
+    got = world["gspo"]
+    assert ref["rollouts"] == got["rollouts"] == 8 and len(ref["modalities"]) >= 2
+    assert torch.equal(got["tokens"], ref["tokens"])
+    assert 0 < ref["clip_fraction"] < 1  # both sides of GSPO's clip are exercised
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5) and ref["loss"] != 0
+    assert set(got["grads"]) == set(ref["grads"])
+    for name, g_ref in ref["grads"].items():
+        scale = max(g_ref.abs().max().item(), 1e-12)
+        assert (got["grads"][name] - g_ref).abs().max().item() <= 1e-5 * scale, name
+    assert any(ref["grads"][n].abs().max() > 0 for n in ref["grads"] if n.startswith("vision.merger"))

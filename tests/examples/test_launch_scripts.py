@@ -14,7 +14,7 @@ import pytest
 from megatron_omni.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["pt1", "pt2", "pt3", "it1", "it2", "it3", "at"]
+STAGES = ["pt1", "pt2", "pt3", "it1", "it2", "it3", "gspo", "at"]  # GSPO before AT (Uni-MoE 2.0)
 
 
 def _fake(bin_dir: Path, name: str, body: str) -> None:
@@ -68,7 +68,7 @@ echo "$n;cluster"
     again = _run("m2omni_stages.sh", tmp_path, "9b", FROM_STAGE="it1", NODES="2")
     assert again.returncode == 0 and "planned for 1 node" in again.stderr
     jobs = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [Path(j["config"]).stem for j in jobs] == ["it1", "it2", "it3", "at"]
+    assert [Path(j["config"]).stem for j in jobs] == ["it1", "it2", "it3", "gspo", "at"]
     first = jobs[0]["argv"]
     assert f"train.pretrained_checkpoint={tmp_path / 'runs' / 'm2omni_9b' / 'pt3' / 'checkpoints'}" in first
     assert _run("m2omni_stages.sh", tmp_path, "13b").returncode == 2
@@ -97,5 +97,5 @@ mkdir -p "$out"
     done = _run("single_node_m2omni_9b_stages.sh", tmp_path)
     assert done.returncode == 0
     calls = log.read_text().splitlines()
-    assert [c.split("stages/")[1].split(".yaml")[0] for c in calls] == ["it1", "it2", "it3", "at"]
+    assert [c.split("stages/")[1].split(".yaml")[0] for c in calls] == ["it1", "it2", "it3", "gspo", "at"]
     assert done.stdout.count("skipping") == 3

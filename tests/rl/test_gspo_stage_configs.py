@@ -26,9 +26,11 @@ def test_gspo_stage_config(path):
     assert g.max_new_tokens < cfg.data.seq_length
 
 
-def test_tiny_alignment_tuning_starts_from_gspo():
-    assert load_config("configs/tiny/stages/at.yaml", ["data.root=/data"]).train.pretrained_checkpoint == \
-        "runs/tiny_stages/gspo/checkpoints"  # ... and DPO follows GSPO (Uni-MoE 2.0)
+@pytest.mark.parametrize("size", ["tiny", "m2omni_9b", "m2omni_72b"])
+def test_alignment_tuning_starts_from_gspo(size):
+    run = "tiny_stages" if size == "tiny" else size
+    assert load_config(f"configs/{size}/stages/at.yaml", ["data.root=/data"]).train.pretrained_checkpoint == \
+        f"runs/{run}/gspo/checkpoints"  # ... and DPO follows GSPO (Uni-MoE 2.0)
 
 
 def test_bad_gspo_settings_are_one_clear_error():
