@@ -15,13 +15,13 @@ from megatron_omni.config.loader import ConfigError
 from megatron_omni.config.schema import (
     DataConfig,
     DataSource,
+    DPOConfig,
     ModelConfig,
     ParallelConfig,
     RunConfig,
     TrainConfig,
 )
 from megatron_omni.config.validate import validate
-from megatron_omni.training.dpo import DPOConfig
 
 if TYPE_CHECKING:
     from megatron_omni.planner.omni import OmniWorkload
