@@ -33,7 +33,7 @@ the fused kernel is always called in ``sbhd`` form with batch 1 per sample (pack
 is viewed as ``[T, 1, H, D]`` with the per-token freqs ``[T, 1, 1, D]``; for bshd with B > 1 each
 sample is rotated separately -- TE's bshd kernel only broadcasts freqs over the batch).  TE's THD
 kernel is *not* used because it indexes freqs by position-inside-each-sequence.  Inside megatron's
-own attention (the omni model's decoder), :func:`configure_mrope_attention` sets
+own attention (the omni model's decoder), ``models/llama.py::transformer_config(mrope_section=...)`` sets
 ``TransformerConfig.mrope_section`` and turns ``apply_rope_fusion`` off: TE's bshd kernel would
 get the per-token ``[S, B, 1, D]`` freqs and broadcast row 0's over the batch.  The unfused path is megatron's
 ``_apply_rotary_pos_emb_bshd`` and is the one verified against HF on CPU.
@@ -41,7 +41,6 @@ get the per-token ``[S, B, 1, D]`` freqs and broadcast row 0's over the batch.  
 
 from __future__ import annotations
 
-import logging
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -50,15 +49,12 @@ from torch import Tensor, nn
 from megatron.core.models.common.embeddings import rope_utils as _mc_rope_utils
 from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding, RotaryEmbedding
 
-log = logging.getLogger(__name__)
-
 __all__ = [
     "mrope_position_ids",
     "omni_position_ids",
     "omni_audio_token_length",
     "MRoPEEmbedding",
     "mrope_freqs",
-    "configure_mrope_attention",
     "apply_mrope",
     "fused_mrope_available",
 ]
@@ -363,11 +359,11 @@ def omni_position_ids(
 
 
 class MRoPEEmbedding(MultimodalRotaryEmbedding):
-    """megatron-core ``MultimodalRotaryEmbedding`` that can be built off-GPU.
+    """megatron-core ``MultimodalRotaryEmbedding`` that can be built off-GPU, with Llama-3.1 scaling.
 
     Same ``inv_freq`` formula and the upstream ``forward(position_ids [3, B, S], mrope_section)``
     -> freqs ``[S, B, 1, rot_dim]``; ``inv_freq`` is a non-persistent buffer so ``.to()`` moves it.
-    Drop-in for ``GPTModel.rotary_pos_emb`` when ``position_embedding_type='mrope'``.
+    The omni model's ``rotary_pos_emb`` (``GPTModel.forward``'s ``position_embedding_type='mrope'`` branch).
     """
 
     def __init__(
@@ -396,10 +392,8 @@ class MRoPEEmbedding(MultimodalRotaryEmbedding):
         if rope_scaling:  # Llama-3.1 "llama3" scaling, megatron's own (RotaryEmbedding._apply_scaling)
             inv_freq = RotaryEmbedding._apply_scaling(self, inv_freq, factor=rope_scaling_factor)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        if cp_group is None:
-            from megatron.core import parallel_state
-
-            cp_group = parallel_state.get_context_parallel_group(check_initialized=False)
+        # Unlike upstream, no default CP group: the freqs are sliced for context parallelism (BSHD
+        # chunks) only when a group is given, here or to forward.
         self.cp_group = cp_group
 
     def _apply(self, fn, recurse=True):
@@ -410,18 +404,6 @@ class MRoPEEmbedding(MultimodalRotaryEmbedding):
         super()._apply(fn, recurse)
         self.inv_freq = inv_freq.to(self.inv_freq.device)
         return self
-
-
-def configure_mrope_attention(config, mrope_section: Sequence[int]) -> None:
-    """Config-level M-RoPE decision for a megatron ``TransformerConfig`` whose attention rotates
-    with M-RoPE freqs: ``mrope_section`` set (what megatron's ``GPTModel``/``apply_rotary_pos_emb``
-    read for M-RoPE) and TE's fused RoPE never used (its bshd kernel broadcasts freqs over the
-    batch, M-RoPE freqs are per token; megatron only falls back for B > 1 with a warning)."""
-    config.mrope_section = list(mrope_section)
-    if config.apply_rope_fusion:
-        log.info("M-RoPE: apply_rope_fusion off (TE's fused RoPE takes per-position freqs; M-RoPE's are "
-                 "per token), megatron's unfused rotation runs")
-        config.apply_rope_fusion = False
 
 
 def mrope_freqs(
