@@ -96,6 +96,7 @@ def transformer_config(
         recompute_granularity=model.recompute_granularity,
         recompute_method=model.recompute_method,
         recompute_num_layers=model.recompute_num_layers,
+        deterministic_mode=model.deterministic_mode,
         **fp8,
         **moe,
     )
@@ -119,6 +120,8 @@ def gpt_model_kwargs(
     virtual stage (one TransformerConfig and layer spec, shared).  `vocab_size` overrides
     `model.vocab_size` (the omni model's extended vocabulary); `mrope_section`: see `transformer_config`."""
     kernels = detect_kernels(model.transformer_impl)
+    if model.deterministic_mode:  # process-wide, like the seeds: a non-deterministic torch kernel then raises
+        torch.use_deterministic_algorithms(True)
     config = transformer_config(model, parallel, params_dtype, kernels, mrope_section)
     spec = layer_spec(kernels, model)
     vocab = model.padded_vocab_size(parallel.tp, vocab_size)
