@@ -14,6 +14,7 @@ from megatron_omni.config import load_config
 from megatron_omni.config.loader import ConfigError
 from megatron_omni.config.schema import DataConfig, ModelConfig
 from megatron_omni.config.validate import validate
+from megatron_omni.models.kernels import detect_kernels
 from megatron_omni.parallel.initialize import initialize_distributed, set_random_seeds
 
 # loader key -> a value other than its default
@@ -90,3 +91,18 @@ def test_rope_scaling_reaches_the_omni_models_rotary(one_rank_world, rope_scalin
                                 rope_scaling_factor=4.0, use_cpu_initialization=True)
     assert torch.equal(model.rotary_pos_emb.inv_freq, reference.inv_freq)
     assert model.mrope_section == list(cfg.omni.mrope_section) and model.position_embedding_type == "mrope"
+
+
+def test_deterministic_mode_on_a_gpu_needs_the_cublas_environment(monkeypatch):
+    """cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it starts: a GPU run without it stops at the config
+    check, naming the variable (CUDA availability is what the check asks torch)."""
+    cfg = load_config("configs/tiny/llm.yaml", ["model.deterministic_mode=true", "model.transformer_impl=local"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match="CUBLAS_WORKSPACE_CONFIG=:4096:8"):
+        validate(cfg, world_size=1)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    try:
+        validate(cfg, world_size=1)
+    finally:  # nothing detected under the pretended GPU outlives the test
+        detect_kernels.cache_clear()
