@@ -43,11 +43,11 @@ def _model(cfg, S: int, backend: str):
 
     from megatron_omni.config.schema import ParallelConfig
     from megatron_omni.models.llama import gpt_model_kwargs
-    from megatron_omni.models.packed_attention import use_packed_attention
+    from megatron_omni.models.packed_attention import packed_attention_spec
 
     (kwargs,) = gpt_model_kwargs(cfg, ParallelConfig(), seq_length=S, params_dtype=torch.float32)
-    use_packed_attention(kwargs["transformer_layer_spec"], backend)
-    return GPTModel(**kwargs)
+    return GPTModel(**{**kwargs, "transformer_layer_spec": packed_attention_spec(kwargs["transformer_layer_spec"],
+                                                                                 backend)})
 
 
 def throughput(args) -> None:

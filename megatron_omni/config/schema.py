@@ -62,6 +62,10 @@ class ModelConfig:
     recompute_granularity: Optional[str] = None  # None | full | selective
     recompute_method: Optional[str] = None  # uniform | block (with full)
     recompute_num_layers: Optional[int] = None
+    # Bitwise-reproducible steps on GPU (slower): megatron's TransformerConfig.deterministic_mode and
+    # torch's deterministic algorithms; needs CUBLAS_WORKSPACE_CONFIG=:4096:8 (and with Transformer Engine
+    # NVTE_ALLOW_NONDETERMINISTIC_ALGO=0) in the environment, which config/validate.py checks.
+    deterministic_mode: bool = False
     # Mixture-of-experts MLPs (config/moe.py); None = dense SwiGLU MLPs.
     moe: Optional[MoEConfig] = None
 
@@ -162,6 +166,12 @@ class DataConfig:
     # `bad_window` samples of a modality could not be used (unreadable media, too long).
     max_bad_fraction: float = 0.1
     bad_window: int = 200
+    # Omni loader throughput (data/modality_stream.py::LoaderConfig; the README key table).
+    lookahead: int = 256  # samples held per modality for best-fit packing (more = less padding)
+    lookahead_mib: Optional[float] = 512.0  # ... and at most this much decoded media per modality (null = no cap)
+    prefetch: int = 2  # microbatches built ahead per modality by a background thread (0 = on request)
+    decode_workers: int = 0  # threads decoding samples ahead of the packers, shared by the modalities (0 = none)
+    pin_memory: bool = True  # page-locked microbatches for async host-to-GPU copies (ignored without CUDA)
 
 
 @dataclass
@@ -187,8 +197,6 @@ class TrainConfig:
     eval_interval: Optional[int] = None
     eval_iters: int = 2
     tensorboard: bool = True
-    deterministic: bool = False  # bitwise-reproducible kernels on GPU (slower)
-    ckpt_format: str = "torch_dist"  # megatron distributed-checkpoint backend
     # Distributed-optimizer state layout in checkpoints: "fully_reshardable" loads at any
     # TP/PP/DP (gathers over DP at save); "dp_reshardable" is faster but reshards over DP only.
     ckpt_optimizer_sharding: str = "fully_reshardable"

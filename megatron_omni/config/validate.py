@@ -17,7 +17,6 @@ _CHOICES = {
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "optimizer.optimizer": ("adam", "sgd"),
     "optimizer.lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
-    "train.ckpt_format": ("torch_dist",),
     "train.ckpt_optimizer_sharding": ("fully_reshardable", "dp_reshardable"),
     "data.tokenizer_type": ("sentencepiece", "huggingface", "null"),
     "optimizer.resume_schedule": ("config", "checkpoint"),
@@ -88,6 +87,8 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         )
     dp = world_size // model_parallel
     _validate_sizes(cfg)
+    if m.deterministic_mode:
+        _validate_deterministic(m.transformer_impl)
     if (dp * p.cp) % p.ep:
         raise ConfigError(f"parallel.ep={p.ep} must divide dp*cp={dp * p.cp}")
     if t.global_batch_size % (t.micro_batch_size * dp):
@@ -139,6 +140,8 @@ _MINIMUMS = (
     ("train.eval_interval", 1, True), ("train.eval_iters", 1, False), ("train.keep_last_checkpoints", 1, True),
     ("train.skip_nonfinite_steps", 0, False), ("train.loss_spike_window", 1, False), ("data.bad_window", 1, False),
     ("data.num_workers", 0, False),
+    ("data.lookahead", 1, False), ("data.lookahead_mib", 0, True), ("data.prefetch", 0, False),
+    ("data.decode_workers", 0, False),
     ("optimizer.lr", 0, False), ("optimizer.min_lr", 0, False), ("optimizer.lr_warmup_steps", 0, False),
     ("optimizer.lr_decay_steps", 1, True), ("optimizer.clip_grad", 0, False),
     ("parallel.distributed_timeout_minutes", 1, False),
@@ -185,6 +188,24 @@ def _require_blackwell() -> None:
                           "tensorwise (Hopper FP8)")
 
 
+def _validate_deterministic(transformer_impl: str) -> None:
+    """model.deterministic_mode on a GPU: the environment variables cuBLAS and Transformer Engine
+    read when they start (setting them from inside the run would be too late)."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
+        raise ConfigError("model.deterministic_mode=true needs CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment "
+                          "(torch's deterministic cuBLAS GEMMs); export it before launching")
+    if detect_kernels(transformer_impl).transformer_engine and os.environ.get("NVTE_ALLOW_NONDETERMINISTIC_ALGO") != "0":
+        raise ConfigError("model.deterministic_mode=true with Transformer Engine needs "
+                          "NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 in the environment (TE's deterministic attention "
+                          "kernels); export it before launching")
+
+
 def _validate_sizes(cfg: RunConfig) -> None:
     for dotted, lowest, nullable in _MINIMUMS:
         value = _get(cfg, dotted)
@@ -196,6 +217,11 @@ def _validate_sizes(cfg: RunConfig) -> None:
     if factor is not None and not factor > 1:  # the loader already refused non-numbers
         raise ConfigError(f"train.loss_spike_factor={factor!r} must be a number > 1 (a step's loss over the median "
                           "of the last train.loss_spike_window steps), or null to switch the spike log off")
+    if cfg.data.seq_length > cfg.model.max_position_embeddings:
+        raise ConfigError(f"data.seq_length={cfg.data.seq_length} exceeds model.max_position_embeddings="
+                          f"{cfg.model.max_position_embeddings} (the longest sequence the model is for, the HF "
+                          "config's max_position_embeddings on export); shorten data.seq_length or raise "
+                          "model.max_position_embeddings")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be in [0, 1] (the share of the "
                           "last data.bad_window samples of a modality that may be unusable)")

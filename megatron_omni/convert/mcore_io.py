@@ -23,6 +23,7 @@ one layer's slice of stacked tensors at a time, straight from the stored chunks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import socket
@@ -64,8 +65,8 @@ def megatron_world(parallel: Optional[ParallelConfig] = None) -> Iterator[None]:
     if "WORLD_SIZE" not in os.environ and not dist.is_initialized():
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
-    parallel = parallel or ParallelConfig()
-    parallel.backend = "gloo"  # conversions run on the CPU, with or without a GPU
+    # conversions run on the CPU, with or without a GPU (a copy: the caller's config stays as it was)
+    parallel = dataclasses.replace(parallel or ParallelConfig(), backend="gloo")
     try:
         initialize_distributed(parallel)
         set_random_seeds(0)

@@ -16,7 +16,7 @@ import json
 import logging
 import threading
 from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any, Deque, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
@@ -63,7 +63,8 @@ class LoaderConfig:
     pad_token_id: int = 0
     # Microbatches built ahead per modality by a background thread (0 = build on request).
     prefetch: int = 2
-    # Threads decoding samples ahead of the packer, per modality (0 = decode in the stream thread).
+    # Threads decoding samples ahead of the packers (0 = decode in each stream's own thread); one pool
+    # for all the modalities of an `OmniLoader`, each stream keeping 2 x decode_workers samples in flight.
     decode_workers: int = 0
     # Page-lock microbatches in the prefetch thread so `batch.to("cuda", non_blocking=True)` is a
     # true async copy (ignored without CUDA).
@@ -109,7 +110,10 @@ def _pinned(batch: OmniMicrobatch) -> OmniMicrobatch:
 
 
 class ModalityStream:
-    def __init__(self, modality: str, spec: ModalitySpec, config: LoaderConfig, *, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, modality: str, spec: ModalitySpec, config: LoaderConfig, *, dp_rank: int = 0, dp_size: int = 1,
+                 decode_pool: Optional[Executor] = None):
+        """`decode_pool`: the executor that decodes samples ahead (the loader's, shared by its
+        streams; not shut down here); None = a pool of `config.decode_workers` threads of its own."""
         self.modality = modality
         self.spec = spec
         self.config = config
@@ -118,8 +122,9 @@ class ModalityStream:
             [len(s) for s in spec.sources], weights, seed=config.seed, modality=modality,
             validation_size=spec.validation_size, dp_rank=dp_rank, dp_size=dp_size,
         )
-        self._pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix=f"decode-{modality}") \
-            if config.decode_workers > 0 else None
+        self._owns_pool = decode_pool is None and config.decode_workers > 0
+        self._pool = (decode_pool or ThreadPoolExecutor(config.decode_workers, thread_name_prefix=f"decode-{modality}")
+                      if config.decode_workers > 0 else None)
         self._logged: set = set()
         # Training samples that failed once (key -> reason): skipped again without decoding, and
         # counted in the bad-sample window only the first time.  Saved with the position.
@@ -354,5 +359,5 @@ class ModalityStream:
             future.exception()  # waits; a failure stays in the future for `_next_sample`
 
     def close(self) -> None:
-        if self._pool is not None:
+        if self._owns_pool:
             self._pool.shutdown(wait=False, cancel_futures=True)

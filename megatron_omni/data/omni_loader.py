@@ -20,6 +20,7 @@ dp_size) and gets the identical microbatch sequence (the order is a function of 
 from __future__ import annotations
 
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Mapping
 
 from megatron_omni.data.modality_stream import LoaderConfig, ModalitySpec, ModalityStream
@@ -36,8 +37,11 @@ class OmniLoader:
             raise ValueError("OmniLoader needs at least one modality")
         self.config = config
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        # `decode_workers` threads decode for every modality: the modality being asked for gets them all
+        self.decode_pool = (ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
+                            if config.decode_workers > 0 else None)
         self._streams: Dict[str, ModalityStream] = {
-            name: ModalityStream(name, spec, config, dp_rank=dp_rank, dp_size=dp_size)
+            name: ModalityStream(name, spec, config, dp_rank=dp_rank, dp_size=dp_size, decode_pool=self.decode_pool)
             for name, spec in modalities.items()
         }
         self._prefetch: Dict[str, PrefetchingStream] = {
@@ -129,6 +133,8 @@ class OmniLoader:
         for name, p in self._prefetch.items():
             p.stop()
             self._streams[name].close()
+        if self.decode_pool is not None:
+            self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> "OmniLoader":
         return self

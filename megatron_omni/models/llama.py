@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+import logging
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +19,23 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron_omni.config.schema import ModelConfig, ParallelConfig
 from megatron_omni.models.kernels import Kernels, detect_kernels, megatron_softmax_kernels, weight_gradient_fusion
 
+log = logging.getLogger(__name__)
+
 
 def transformer_config(
-    model: ModelConfig, parallel: ParallelConfig, params_dtype: torch.dtype, kernels: Kernels
+    model: ModelConfig, parallel: ParallelConfig, params_dtype: torch.dtype, kernels: Kernels,
+    mrope_section: Optional[Sequence[int]] = None,
 ) -> TransformerConfig:
-    """Map our typed model/parallel config onto megatron-core's TransformerConfig (Llama-3 architecture)."""
+    """Map our typed model/parallel config onto megatron-core's TransformerConfig (Llama-3 architecture).
+
+    `mrope_section`: the attention rotates with M-RoPE freqs (the omni model): megatron's
+    `TransformerConfig.mrope_section` is set and TE's fused RoPE is off -- its bshd kernel takes
+    per-position freqs and broadcasts them over the batch, M-RoPE's are per token."""
     fused = kernels.cuda  # jit/TE fusions only exist with CUDA
+    rope_fusion = kernels.transformer_engine and mrope_section is None
+    if kernels.transformer_engine and not rope_fusion:
+        log.info("M-RoPE: apply_rope_fusion off (TE's fused RoPE takes per-position freqs; M-RoPE's are per "
+                 "token), megatron's unfused rotation runs")
     fp8 = {}
     if model.fp8 is not None:
         fp8 = dict(
@@ -76,13 +88,15 @@ def transformer_config(
         masked_softmax_fusion=fused and megatron_softmax_kernels(),
         bias_activation_fusion=fused,
         bias_dropout_fusion=fused,
-        apply_rope_fusion=kernels.transformer_engine,
+        apply_rope_fusion=rope_fusion,
+        mrope_section=list(mrope_section) if mrope_section is not None else None,
         gradient_accumulation_fusion=weight_gradient_fusion(),
         persist_layer_norm=kernels.transformer_engine,
         cross_entropy_loss_fusion=fused,
         recompute_granularity=model.recompute_granularity,
         recompute_method=model.recompute_method,
         recompute_num_layers=model.recompute_num_layers,
+        deterministic_mode=model.deterministic_mode,
         **fp8,
         **moe,
     )
@@ -100,12 +114,15 @@ def layer_spec(kernels: Kernels, model: Optional[ModelConfig] = None) -> ModuleS
 
 def gpt_model_kwargs(
     model: ModelConfig, parallel: ParallelConfig, *, seq_length: int, params_dtype: torch.dtype,
-    vocab_size: Optional[int] = None,
+    vocab_size: Optional[int] = None, mrope_section: Optional[Sequence[int]] = None,
 ) -> List[dict]:
     """GPTModel constructor arguments of this rank's chunk(s); with virtual pipelining, one per
-    virtual stage.  `vocab_size` overrides `model.vocab_size` (the omni model's extended vocabulary)."""
+    virtual stage (one TransformerConfig and layer spec, shared).  `vocab_size` overrides
+    `model.vocab_size` (the omni model's extended vocabulary); `mrope_section`: see `transformer_config`."""
     kernels = detect_kernels(model.transformer_impl)
-    config = transformer_config(model, parallel, params_dtype, kernels)
+    if model.deterministic_mode:  # process-wide, like the seeds: a non-deterministic torch kernel then raises
+        torch.use_deterministic_algorithms(True)
+    config = transformer_config(model, parallel, params_dtype, kernels, mrope_section)
     spec = layer_spec(kernels, model)
     vocab = model.padded_vocab_size(parallel.tp, vocab_size)
     out = []

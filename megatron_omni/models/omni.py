@@ -39,8 +39,8 @@ from megatron_omni.config.encoders import audio_token_count
 from megatron_omni.models.kernels import detect_kernels
 from megatron_omni.models.llama import gpt_model_kwargs
 from megatron_omni.models.omni_vocab import OmniVocab
-from megatron_omni.models.packed_attention import resolve_packed_attention, thd_packed_seq_params, use_packed_attention
-from megatron_omni.models.rope import MRoPEEmbedding, configure_mrope_attention
+from megatron_omni.models.packed_attention import packed_attention_spec, resolve_packed_attention, thd_packed_seq_params
+from megatron_omni.models.rope import MRoPEEmbedding
 from megatron_omni.parallel.context_parallel import cp_item_range, gather_cp_media_tokens
 
 log = logging.getLogger(__name__)
@@ -73,28 +73,36 @@ class OmniModel(GPTModel):
     """GPTModel + first-stage encoders.  `forward` takes the `OmniMicrobatch` fields."""
 
     def __init__(self, *, omni: OmniConfig, vocab: OmniVocab, packed_attention: str = "dense", **gpt_kwargs):
-        # Packed rows attend inside their samples: a block-diagonal mask (dense) or THD segments.
-        use_packed_attention(gpt_kwargs["transformer_layer_spec"], packed_attention)
-        configure_mrope_attention(gpt_kwargs["config"], omni.mrope_section)  # before the layers see it
-        super().__init__(**gpt_kwargs)
-        self.packed_attention = packed_attention  # te | torch | dense (resolve_packed_attention)
-        config = self.config
+        """`gpt_kwargs`: GPTModel's arguments (`build_omni_chunks` gives them) with a TransformerConfig
+        built for M-RoPE (`models/llama.py::transformer_config(mrope_section=omni.mrope_section)`).
+        Nothing passed in is modified: the layer spec of the packed path is a new one."""
+        config = gpt_kwargs["config"]
         head_dim = config.kv_channels
         if sum(omni.mrope_section) * 2 != head_dim:
             raise ValueError(f"omni.mrope_section {omni.mrope_section} must sum to head_dim/2 = {head_dim // 2}")
-        # M-RoPE replaces Llama's 1D RoPE (Sec. 2.1 "M2-omni LLM"); megatron's mrope embedding is
-        # swapped in after construction because upstream builds it on the CUDA device directly.
+        if list(config.mrope_section or ()) != list(omni.mrope_section):
+            raise ValueError(f"the TransformerConfig's mrope_section {config.mrope_section} is not omni.mrope_section "
+                             f"{omni.mrope_section}: build it with transformer_config(..., mrope_section=...) "
+                             "(build_omni_chunks does)")
+        # Packed rows attend inside their samples: a block-diagonal mask (dense) or THD segments.
+        spec = packed_attention_spec(gpt_kwargs["transformer_layer_spec"], packed_attention)
+        # M-RoPE replaces Llama's 1D RoPE (Sec. 2.1 "M2-omni LLM"), so GPTModel builds no rotary of its
+        # own ("none"); the omni model's is added below.  megatron's `MultimodalRotaryEmbedding` (what
+        # position_embedding_type="mrope" builds) would not give the same numbers: it has no Llama-3.1
+        # frequency scaling, and under context parallelism it slices the freqs as BSHD chunks.
+        super().__init__(**{**gpt_kwargs, "transformer_layer_spec": spec, "position_embedding_type": "none"})
+        self.packed_attention = packed_attention  # te | torch | dense (resolve_packed_attention)
+        # GPTModel.forward's M-RoPE branch: freqs = rotary_pos_emb(position_ids [3, B, S], mrope_section).
         self.position_embedding_type = "mrope"
-        self.mrope_section = list(omni.mrope_section)
+        self.mrope_section = config.mrope_section
         # The backbone's Llama-3.1 frequency scaling carries over (text positions stay the LLM's RoPE).
+        # No CP slice of the freqs (it would miss the THD 2*cp chunks): under context parallelism the
+        # positions cover the whole padded stream and megatron's THD rotary maps them to this rank's
+        # chunks by segment offset (`_get_thd_freqs_on_this_cp_rank`).
         self.rotary_pos_emb = MRoPEEmbedding(
             kv_channels=head_dim, rotary_base=gpt_kwargs.get("rotary_base", 10000),
             rope_scaling=gpt_kwargs.get("rope_scaling", False),
-            rope_scaling_factor=gpt_kwargs.get("rope_scaling_factor", 8.0))
-        # Never megatron's BSHD CP slice of the freqs (it misses the THD 2*cp chunks): under context
-        # parallelism the positions cover the whole padded stream and megatron's THD rotary maps
-        # them to this rank's chunks by segment offset (`_get_thd_freqs_on_this_cp_rank`).
-        self.rotary_pos_emb.cp_group = None
+            rope_scaling_factor=gpt_kwargs.get("rope_scaling_factor", 8.0), cp_group=None)
         self.vocab = vocab
         self.omni = omni
         self.vision = self.audio = None
@@ -290,7 +298,7 @@ def build_omni_chunks(
     vocab = omni_vocab(model, omni)
     packed = resolve_packed_attention(model.packed_attention, detect_kernels(model.transformer_impl).transformer_engine)
     kwargs = gpt_model_kwargs(model, parallel, seq_length=seq_length, params_dtype=params_dtype,
-                              vocab_size=vocab.size)
+                              vocab_size=vocab.size, mrope_section=omni.mrope_section)
     # The omni model scatters to sequence-parallel regions itself, after the placeholders are filled.
     return [OmniModel(omni=omni, vocab=vocab, packed_attention=packed, scatter_embedding_sequence_parallel=False, **kw)
             for kw in kwargs]

@@ -23,7 +23,7 @@ import contextlib
 import functools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence
 
 import torch
@@ -34,6 +34,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
@@ -156,15 +157,20 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, bac
     raise ValueError(f"packed attention backend {backend!r} is not one of {list(BACKENDS)}")
 
 
-def use_packed_attention(layer_spec, backend: str) -> None:
-    """Point a megatron GPT layer spec's self-attention at the packed path `backend`
+def packed_attention_spec(layer_spec: ModuleSpec, backend: str) -> ModuleSpec:
+    """A megatron GPT layer spec whose self-attention takes the packed path `backend`
     (`resolve_packed_attention`): `dense` = arbitrary (block-diagonal) mask, THD = padding_causal
-    with TE's core attention (`te`, already in the TE spec) or `PackedCoreAttention` (`torch`)."""
-    self_attention = layer_spec.submodules.self_attention
+    with TE's core attention (`te`, already in the TE spec) or `PackedCoreAttention` (`torch`).
+    A new spec: `layer_spec` (e.g. megatron's, shared by every chunk) is left as it was."""
+    layer = layer_spec.submodules
+    attention = layer.self_attention
     mask_type = AttnMaskType.arbitrary if backend == "dense" else AttnMaskType.padding_causal
-    self_attention.params = {**self_attention.params, "attn_mask_type": mask_type}
+    attention_submodules = attention.submodules
     if backend == "torch":
-        self_attention.submodules.core_attention = PackedCoreAttention
+        attention_submodules = replace(attention_submodules, core_attention=PackedCoreAttention)
+    attention = replace(attention, params={**attention.params, "attn_mask_type": mask_type},
+                        submodules=attention_submodules)
+    return replace(layer_spec, submodules=replace(layer, self_attention=attention))
 
 
 @dataclass

@@ -22,15 +22,15 @@ calls (bshd, or THD with per-token freqs: ``freqs.size(0) == cu_seqlens[-1]``). 
 * :class:`MRoPEEmbedding` -- megatron's ``MultimodalRotaryEmbedding`` whose ``inv_freq`` is built on
   a chosen device (upstream hard-codes ``torch.cuda.current_device()``, so it cannot be built on a
   CPU-only machine); its ``forward`` is upstream's.
-* :func:`configure_mrope_attention` sets ``TransformerConfig.mrope_section`` and turns
-  ``apply_rope_fusion`` off: M-RoPE freqs are *per token* (not per position-in-sequence), and TE's
-  fused bshd kernel would broadcast row 0's freqs over the batch, its THD kernel index them by
-  position inside each sequence.  megatron's unfused rotation runs; it is the path tested against HF.
+* ``models/llama.py::transformer_config(mrope_section=...)`` sets ``TransformerConfig.mrope_section``
+  and turns ``apply_rope_fusion`` off at construction: M-RoPE freqs are *per token* (not per
+  position-in-sequence), and TE's fused bshd kernel would broadcast row 0's freqs over the batch, its
+  THD kernel index them by position inside each sequence.  megatron's unfused rotation runs; it is the
+  path tested against HF.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -38,9 +38,7 @@ from torch import Tensor, nn
 
 from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding, RotaryEmbedding
 
-log = logging.getLogger(__name__)
-
-__all__ = ["mrope_position_ids", "MRoPEEmbedding", "configure_mrope_attention"]
+__all__ = ["mrope_position_ids", "MRoPEEmbedding"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,11 +160,11 @@ def mrope_position_ids(
 
 
 class MRoPEEmbedding(MultimodalRotaryEmbedding):
-    """megatron-core ``MultimodalRotaryEmbedding`` that can be built off-GPU.
+    """megatron-core ``MultimodalRotaryEmbedding`` that can be built off-GPU, with Llama-3.1 scaling.
 
     Same ``inv_freq`` formula and the upstream ``forward(position_ids [3, B, S], mrope_section)``
     -> freqs ``[S, B, 1, rot_dim]``; ``inv_freq`` is a non-persistent buffer so ``.to()`` moves it.
-    Drop-in for ``GPTModel.rotary_pos_emb`` when ``position_embedding_type='mrope'``.
+    The omni model's ``rotary_pos_emb`` (``GPTModel.forward``'s ``position_embedding_type='mrope'`` branch).
     """
 
     def __init__(
@@ -195,10 +193,8 @@ class MRoPEEmbedding(MultimodalRotaryEmbedding):
         if rope_scaling:  # Llama-3.1 "llama3" scaling, megatron's own (RotaryEmbedding._apply_scaling)
             inv_freq = RotaryEmbedding._apply_scaling(self, inv_freq, factor=rope_scaling_factor)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        if cp_group is None:
-            from megatron.core import parallel_state
-
-            cp_group = parallel_state.get_context_parallel_group(check_initialized=False)
+        # Unlike upstream, no default CP group: the freqs are sliced for context parallelism (BSHD
+        # chunks) only when a group is given, here or to forward.
         self.cp_group = cp_group
 
     def _apply(self, fn, recurse=True):
@@ -211,13 +207,3 @@ class MRoPEEmbedding(MultimodalRotaryEmbedding):
         return self
 
 
-def configure_mrope_attention(config, mrope_section: Sequence[int]) -> None:
-    """Config-level M-RoPE decision for a megatron ``TransformerConfig`` whose attention rotates
-    with M-RoPE freqs: ``mrope_section`` set (what megatron's ``GPTModel``/``apply_rotary_pos_emb``
-    read for M-RoPE) and TE's fused RoPE never used (its bshd kernel broadcasts freqs over the
-    batch, M-RoPE freqs are per token; megatron only falls back for B > 1 with a warning)."""
-    config.mrope_section = list(mrope_section)
-    if config.apply_rope_fusion:
-        log.info("M-RoPE: apply_rope_fusion off (TE's fused RoPE takes per-position freqs; M-RoPE's are "
-                 "per token), megatron's unfused rotation runs")
-        config.apply_rope_fusion = False

@@ -290,7 +290,9 @@ def build_blend_loader(cfg: RunConfig, vocab, dp_rank: int):
         parallel_state.get_pipeline_model_parallel_rank() == 0
     config = LoaderConfig(seq_length=d.seq_length, micro_batch_size=cfg.train.micro_batch_size,
                           seed=cfg.train.seed, pad_token_id=vocab.id("<|eot_id|>"),
-                          max_bad_fraction=d.max_bad_fraction, bad_window=d.bad_window,
+                          max_bad_fraction=d.max_bad_fraction, bad_window=d.bad_window, lookahead=d.lookahead,
+                          lookahead_mib=d.lookahead_mib, prefetch=d.prefetch, decode_workers=d.decode_workers,
+                          pin_memory=d.pin_memory,
                           bad_samples_log=os.path.join(cfg.train.output_dir, "bad_samples.jsonl")
                           if first_of_replica else None)
     dp_size = parallel_state.get_data_parallel_world_size()

@@ -23,6 +23,7 @@ TRAINING_KNOBS = frozenset({
     "transformer_impl", "fp8", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo",
     "recompute_granularity", "recompute_method", "recompute_num_layers", "recompute", "attention_dropout",
     "hidden_dropout", "init_method_std", "make_vocab_size_divisible_by", "max_position_embeddings", "freeze",
+    "deterministic_mode",
 })
 
 

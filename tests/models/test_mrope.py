@@ -1,6 +1,6 @@
 """M-RoPE: position ids vs transformers' Qwen2-VL / Qwen2.5-VL get_rope_index (bit-for-bit; the legacy
 rule vs Qwen2.5-Omni's), and the omni model's rotation -- `MRoPEEmbedding` freqs rotated by megatron's
-`apply_rotary_pos_emb` under the config `configure_mrope_attention` sets, bshd and packed THD, as
+`apply_rotary_pos_emb` under the attention config `models/llama.py::transformer_config(mrope_section=)` builds, bshd and packed THD, as
 megatron's attention calls it -- vs HF's multimodal rotary embedding (fp32)."""
 
 import random
@@ -12,7 +12,7 @@ import torch
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer import TransformerConfig
 
-from megatron_omni.models.rope import MRoPEEmbedding, configure_mrope_attention, mrope_position_ids
+from megatron_omni.models.rope import MRoPEEmbedding, mrope_position_ids
 
 qwen2_vl = pytest.importorskip("transformers.models.qwen2_vl.modeling_qwen2_vl")
 qwen2_5_vl = pytest.importorskip("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl")
@@ -162,8 +162,8 @@ def test_rotation_matches_hf(head_dim, section):
     # The omni model's path: its rotary embedding's freqs, megatron's rotation under its attention config.
     freqs = MRoPEEmbedding(kv_channels=head_dim, rotary_base=base, device="cpu")(pos, section)  # [S, B, 1, D]
     assert freqs.shape == (S, B, 1, head_dim)
-    config = TransformerConfig(num_layers=1, hidden_size=H * head_dim, num_attention_heads=H, kv_channels=head_dim)
-    configure_mrope_attention(config, section)
+    config = TransformerConfig(num_layers=1, hidden_size=H * head_dim, num_attention_heads=H, kv_channels=head_dim,
+                               mrope_section=list(section), apply_rope_fusion=False)  # as transformer_config sets
     out = apply_rotary_pos_emb(q.permute(2, 0, 1, 3), freqs, config, cp_group=ONE_RANK)  # [S, B, H, D]
     torch.testing.assert_close(out.permute(1, 2, 0, 3), ref, atol=1e-6, rtol=1e-6)
 
