@@ -200,7 +200,7 @@ def _validate_deterministic(transformer_impl: str) -> None:
     if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
         raise ConfigError("model.deterministic_mode=true needs CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment "
                           "(torch's deterministic cuBLAS GEMMs); export it before launching")
-    if detect_kernels(transformer_impl).transformer_engine and os.environ.get("NVTE_ALLOW_NONDETERMINISTIC_ALGO") != "0":
+    if _transformer_engine(transformer_impl) and os.environ.get("NVTE_ALLOW_NONDETERMINISTIC_ALGO") != "0":
         raise ConfigError("model.deterministic_mode=true with Transformer Engine needs "
                           "NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 in the environment (TE's deterministic attention "
                           "kernels); export it before launching")
