@@ -111,7 +111,7 @@ class OmniModel(GPTModel):
             if omni.vision is not None:
                 from megatron_omni.models.vision.encoder import NaViTEncoder
 
-                self.vision = NaViTEncoder(omni.vision, params_dtype=dtype)
+                self.vision = NaViTEncoder(omni.vision, params_dtype=dtype, packed_attention=packed_attention)
             if omni.audio is not None:
                 from megatron_omni.models.audio.whisper import build_audio_encoder
 
