@@ -1,7 +1,7 @@
 """The GSPO stage in the training loop: rollouts, rewards, advantages, then mini-batch updates.
 
-`GSPOData` stands where `OmniData` stands for the supervised stages (`training/loop.py` asks it
-for each optimizer step's microbatch iterators and metrics).  One *rollout batch* feeds
+`GSPOData` stands where `OmniData` stands for the supervised stages (the GSPO task,
+`training/tasks/gspo.py`, asks it for each optimizer step's microbatch iterators and metrics).  One *rollout batch* feeds
 `gspo.minibatches` consecutive optimizer steps; at its first step:
 
 1. this DP rank draws its prompts (`rollout.PromptSource`) and every model-parallel rank of the
@@ -83,7 +83,6 @@ class GSPOData:
         self._rollout_time = self._train_start = 0.0
         self.last_texts: List[str] = []  # the last rollout batch's decoded responses and rewards (this rank)
         self.last_rewards: List[float] = []
-        self.source = None  # no loader threads (profiler hook compatibility)
 
     # ---------------------------------------------------------------- per optimizer step
 

@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 from megatron_omni.balance import ModalityRoundScheduler, SchedulerConfig
 from megatron_omni.balance.loss import all_reduce_modality_tokens, local_modality_tokens, microbatch_loss_scale
 from megatron_omni.config.schema import RunConfig
+from megatron_omni.data.omni_source import OmniSource
 from megatron_omni.parallel.layout import unwrap
 from megatron_omni.training.dpo import DPOConfig
 from megatron_omni.training.encoder_flops import encoder_training_flops
@@ -60,7 +61,12 @@ def sum_reports(losses_reduced: List[Dict[str, torch.Tensor]], names: List[str])
 class OmniData:
     forward_step_func = staticmethod(omni_forward_step)
 
-    def __init__(self, cfg: RunConfig, source, scheduler, num_chunks: int, num_microbatches: int):
+    def __init__(self, cfg: RunConfig, source: OmniSource, scheduler: ModalityRoundScheduler, num_chunks: int,
+                 num_microbatches: int):
+        if not isinstance(source, OmniSource):
+            missing = [n for n in vars(OmniSource) if not n.startswith("_") and not hasattr(source, n)]
+            raise TypeError(f"omni data source {type(source).__name__} lacks {missing} of OmniSource "
+                            "(data/omni_source.py)")
         self.cfg, self.source, self.scheduler = cfg, source, scheduler
         self.num_chunks, self.num_microbatches = num_chunks, num_microbatches
         self.modalities: List[str] = list(scheduler.modalities)
@@ -155,9 +161,9 @@ class OmniData:
         FLOPs of the step}) summed over the data-parallel group in one all-reduce: every rank of a
         DP replica (its TP, PP and CP ranks) reads the same data, so each replica counts once."""
         ms = self.modalities
-        skips = getattr(self.source, "skipped_by_modality", dict)()  # occurrences (mock data: none)
-        bad = getattr(self.source, "bad_samples", dict)()  # distinct samples
-        n = torch.tensor([float(getattr(self.source, "skipped_samples", 0)), *(float(skips.get(m, 0)) for m in ms),
+        skips = self.source.skipped_by_modality()  # occurrences
+        bad = self.source.bad_samples()  # distinct samples
+        n = torch.tensor([float(self.source.skipped_samples), *(float(skips.get(m, 0)) for m in ms),
                           *(float(bad.get(m, 0)) for m in ms), *(self._step_encoder_flops.get(m, 0.0) for m in ms)],
                          dtype=torch.float64, device=torch.cuda.current_device())
         dist.all_reduce(n, group=parallel_state.get_data_parallel_group())
@@ -220,8 +226,7 @@ class OmniData:
 
     def before_checkpoint(self) -> None:
         """Quiesce the loader's background threads (megatron's checkpoint writer forks)."""
-        if hasattr(self.source, "pause_prefetch"):
-            self.source.pause_prefetch()
+        self.source.pause_prefetch()
 
     def state_dict(self) -> dict:
         return {"source": self.source.state_dict(), "scheduler": self.scheduler.state_dict(),

@@ -1,0 +1,29 @@
+"""Training tasks: what `pretrain` trains (see `base.py` for the interface).
+
+    text   TextTask   Llama text pretraining (no `omni:` section)
+    omni   OmniTask   the omni-modal stages, DPO alignment tuning included (`omni:` section)
+    gspo   GSPOTask   the RL stage (`omni:` and `gspo:` sections)
+"""
+
+from __future__ import annotations
+
+from megatron_omni.config import RunConfig
+from megatron_omni.training.tasks.base import Task, num_microbatches
+
+
+def task_for(cfg: RunConfig) -> Task:
+    """The task a run config describes (imports only that task's model and data code)."""
+    if cfg.omni is None:
+        from megatron_omni.training.tasks.text import TextTask
+
+        return TextTask(cfg)
+    if cfg.gspo is not None:
+        from megatron_omni.training.tasks.gspo import GSPOTask
+
+        return GSPOTask(cfg)
+    from megatron_omni.training.tasks.omni import OmniTask
+
+    return OmniTask(cfg)
+
+
+__all__ = ["Task", "num_microbatches", "task_for"]
