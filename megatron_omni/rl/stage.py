@@ -39,7 +39,8 @@ from megatron_omni.rl.loss import GSPO_REPORTS, LOGPROBS, RolloutTargets
 from megatron_omni.rl.rewards import combined_reward
 from megatron_omni.rl.rollout import PromptSource, RolloutEncoder
 from megatron_omni.training.omni_data import sum_reports
-from megatron_omni.training.omni_step import PlannedMicrobatch, omni_forward_step
+from megatron_omni.rl.forward_step import gspo_forward_step
+from megatron_omni.training.omni_step import PlannedMicrobatch
 from megatron_omni.training.step import LM_LOSS, run_schedule
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def _mean_std(total: float, sq: float, n: float):
 
 
 class GSPOData:
-    forward_step_func = staticmethod(omni_forward_step)
+    forward_step_func = staticmethod(gspo_forward_step)
 
     def __init__(self, cfg: RunConfig, prompts: PromptSource, encoder: RolloutEncoder, num_chunks: int,
                  num_microbatches: int):

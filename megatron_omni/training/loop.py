@@ -203,12 +203,12 @@ def pretrain(
         steps_run += 1
 
         task_row = task.step_metrics(state, result, step_time)  # collective
-        tokens_per_s = t.global_batch_size * cfg.data.seq_length / step_time
         # the omni step's FLOPs add its encoders' work on this step's media
         tflops = (step_flops + task_row.get("encoder_flops", 0.0)) / step_time / world / 1e12
         row = {
             "step": state.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-            "tokens": result.tokens, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
+            "tokens": result.tokens, "step_time_s": step_time,
+            "tokens_per_s": t.global_batch_size * cfg.data.seq_length / step_time,
             "tflops_per_gpu": tflops, "mfu": flops.mfu(tflops, device, precision),
             "consumed_samples": state.consumed_samples, **task_row,
         }
@@ -236,13 +236,7 @@ def pretrain(
             metrics.write(row)
             if logging_step:
                 eta = (time.time() - run_start) / steps_run * (t.steps - state.step)
-                log.info(progress_line(
-                    step=state.step, total=t.steps, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
-                    step_time_s=step_time, tokens_per_s=tokens_per_s, tflops_per_gpu=tflops, mfu=row["mfu"],
-                    consumed_samples=state.consumed_samples, eta_s=eta,
-                ) + (f" | val loss: {row['val_loss']:.6E}" if "val_loss" in row else "")
-                  + "".join(f" | {m} loss: {v:.4E}" for m, v in row.get("losses", {}).items())
-                  + (f" | skipped samples: {row['skipped_samples']}" if row.get("skipped_samples") else ""))
+                log.info(progress_line(row, total=t.steps, eta_s=eta))
                 if row.get("timers"):
                     log.info(timers_line(row["timers"]))
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -30,9 +30,6 @@ from megatron_omni.parallel.layout import unwrap
 from megatron_omni.training.dpo import dpo_loss
 from megatron_omni.training.stage_inputs import stage_inputs
 from megatron_omni.training.step import LM_LOSS
-
-if TYPE_CHECKING:
-    from megatron_omni.rl.loss import RolloutTargets
 
 UNDERSTANDING_LOSS = "understanding loss"
 AUDIO_GEN_LOSS = "audio generation loss"
@@ -52,8 +49,9 @@ class PlannedMicrobatch:
     # log-probs per row, [B, 2], on the last pipeline stage; None in the reference pass itself
     ref_logps: Optional[torch.Tensor] = None
     dpo_beta: float = 0.1
-    # GSPO microbatches (rl/): rollouts with their old log-probs and advantages; None otherwise
-    rollout: Optional["RolloutTargets"] = None
+    # GSPO microbatches: rollouts with their old log-probs and advantages (rl/loss.py::RolloutTargets,
+    # read by the GSPO forward step, rl/forward_step.py); None otherwise
+    rollout: Optional[Any] = None
     # this microbatch's tensors on the device, shared by the rank's virtual pipeline chunks
     device_cache: Dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -108,11 +106,12 @@ def omni_loss(batch: OmniMicrobatch, vocab: OmniVocab, loss_scale: float, output
     return loss_sum * loss_scale, num_tokens, reports
 
 
-def omni_forward_step(data_iterator: Iterator[PlannedMicrobatch], model: torch.nn.Module):
-    """megatron forward_step_func.  Every pipeline stage reads the microbatch: all need the M-RoPE
-    positions and the packing (mask or THD parameters); only the first stage uses tokens and media, the last labels
-    (`stage_inputs` moves just those, once per microbatch)."""
-    planned = next(data_iterator)
+def omni_model_forward(planned: PlannedMicrobatch, model: torch.nn.Module) -> Tuple[torch.Tensor, OmniMicrobatch]:
+    """The model chunk on one planned microbatch: (its output -- per-token losses on the last stage,
+    hidden states elsewhere --, the microbatch with this stage's fields on the device).  Every
+    pipeline stage reads the microbatch: all need the M-RoPE positions and the packing (mask or THD
+    parameters); only the first stage uses tokens and media, the last labels (`stage_inputs` moves
+    just those, once per microbatch)."""
     inner = unwrap(model)
     if inner.pre_process:  # python ints counted on the host copy; a no-op when the data side did it
         planned.batch.count_placeholders(inner.vocab.placeholder_ids)
@@ -125,10 +124,14 @@ def omni_forward_step(data_iterator: Iterator[PlannedMicrobatch], model: torch.n
     output = model(batch.tokens if inner.pre_process else None, batch.position_ids, mask,
                    labels=batch.labels if inner.post_process else None, packed_seq_params=packed_seq_params,
                    **media)
-    if planned.rollout is not None:
-        from megatron_omni.rl.loss import gspo_microbatch_loss
+    return output, batch
 
-        return output, partial(gspo_microbatch_loss, dataclasses.replace(planned, batch=batch))
+
+def omni_forward_step(data_iterator: Iterator[PlannedMicrobatch], model: torch.nn.Module):
+    """megatron forward_step_func of the omni stages: the LM loss (`omni_loss`), or on the
+    preference microbatches of alignment tuning the DPO loss (`preference_loss`)."""
+    planned = next(data_iterator)
+    output, batch = omni_model_forward(planned, model)
     if batch.modality == PREFERENCE:
         return output, partial(preference_loss, dataclasses.replace(planned, batch=batch))
-    return output, partial(omni_loss, batch, inner.vocab, planned.loss_scale)
+    return output, partial(omni_loss, batch, unwrap(model).vocab, planned.loss_scale)

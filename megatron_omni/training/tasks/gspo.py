@@ -1,7 +1,8 @@
 """`GSPOTask`: the RL stage (rollouts + GSPO updates, `rl/`) as a variant of the omni task.
 
-The same omni model and forward step; the data is `rl/stage.py::GSPOData`, which generates each
-rollout batch with the current policy, scores it and hands its mini-batches out step by step.
+The same omni model; the data is `rl/stage.py::GSPOData`, which generates each rollout batch with
+the current policy, scores it and hands its mini-batches out step by step; the forward step runs
+the omni model and the GSPO loss (`rl/forward_step.py`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Iterator, List, Optional
 
 from megatron_omni.parallel.layout import unwrap
+from megatron_omni.rl.forward_step import gspo_forward_step
 from megatron_omni.rl.stage import GSPOData, build_gspo_data
 from megatron_omni.training.setup import TrainState
 from megatron_omni.training.tasks.base import StepSamples, num_microbatches
@@ -16,6 +18,7 @@ from megatron_omni.training.tasks.omni import OmniTask
 
 
 class GSPOTask(OmniTask):
+    forward_step_func = staticmethod(gspo_forward_step)
     data: Optional[GSPOData]
 
     def build_data(self, state: TrainState) -> None:
