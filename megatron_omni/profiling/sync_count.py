@@ -64,8 +64,9 @@ def count_step_syncs(config: str, overrides: Sequence[str] = (), *, steps: int =
             iterators = task.step_iterators(state)
         with window("step"):
             start = time.time()
-            result = train_step(state, iterators, num_microbatches=num_microbatches(cfg), seq_length=cfg.data.seq_length,
-                                micro_batch_size=cfg.train.micro_batch_size, forward_step_func=task.forward_step_func)
+            result = train_step(state, iterators, num_microbatches=num_microbatches(cfg),
+                                seq_length=cfg.data.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                                forward_step_func=task.forward_step_func)
             step_time = time.time() - start
         state.step += 1
         if counted:

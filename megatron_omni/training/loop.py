@@ -49,7 +49,7 @@ COMPLETE_MARKER = "training_complete.json"
 log = logging.getLogger("megatron_omni.train")
 
 
-class StepProfiler(Protocol):
+class Profiler(Protocol):
     """What the loop calls on a profiler (`megatron_omni.profiling.StepProfiler` implements it)."""
 
     save_checkpoints: bool  # profiling runs usually skip checkpoint writes
@@ -113,7 +113,8 @@ def resume(cfg: RunConfig, state: TrainState) -> Optional[str]:
     if dist.get_rank() == 0 and state.step < t.steps and os.path.exists(marker):
         # an earlier run's marker: this run trains further, so it is not complete until it ends
         os.remove(marker)
-        log.info("removed %s of an earlier run (this run trains steps %d..%d)", COMPLETE_MARKER, state.step + 1, t.steps)
+        log.info("removed %s of an earlier run (this run trains steps %d..%d)", COMPLETE_MARKER, state.step + 1,
+                 t.steps)
     if resumed:
         return loaded_path(t.load, state.step)
     if t.pretrained_checkpoint:
@@ -129,7 +130,7 @@ def pretrain(
     task: Optional[Task] = None,
     *,
     param_group_hook: Optional[ParamGroupHook] = None,
-    profiler: Optional[StepProfiler] = None,
+    profiler: Optional[Profiler] = None,
 ) -> TrainState:
     """Train `task` (by default `task_for(cfg)`: text, omni or GSPO) for `cfg.train.steps` steps.
 

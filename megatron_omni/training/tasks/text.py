@@ -70,7 +70,8 @@ class TextTask:
         for _ in range(cfg.train.eval_iters):
             losses = run_schedule(
                 state.model, iterators, num_microbatches=num_microbatches(cfg), seq_length=cfg.data.seq_length,
-                micro_batch_size=cfg.train.micro_batch_size, forward_only=True, forward_step_func=self.forward_step_func,
+                micro_batch_size=cfg.train.micro_batch_size, forward_only=True,
+                forward_step_func=self.forward_step_func,
             )
             summed += reduce_losses(losses).cpu()
         for chunk in state.model:
