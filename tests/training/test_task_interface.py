@@ -27,22 +27,23 @@ def test_built_in_tasks_and_sources_implement_their_protocols():
     from megatron_omni.data.omni_loader import OmniLoader
     from megatron_omni.data.preference_stream import WithPreferences
     from megatron_omni.profiling.timers import TimedTask
+    from megatron_omni.training.tasks.alignment import AlignmentTask
     from megatron_omni.training.tasks.gspo import GSPOTask
     from megatron_omni.training.tasks.omni import OmniTask
     from megatron_omni.training.tasks.text import TextTask
 
-    text = load_config("configs/tiny/llm.yaml")
-    omni = load_config("configs/tiny/omni_mock.yaml")
-    gspo = load_config("configs/tiny/stages/gspo.yaml")
-    assert type(task_for(text)) is TextTask and type(task_for(omni)) is OmniTask
-    assert type(task_for(gspo)) is GSPOTask
-    for task in (task_for(text), task_for(omni), task_for(gspo), TimedTask(task_for(text), timers=None)):
+    configs = {"configs/tiny/llm.yaml": TextTask, "configs/tiny/omni_mock.yaml": OmniTask,
+               "configs/tiny/stages/at.yaml": AlignmentTask, "configs/tiny/stages/gspo.yaml": GSPOTask}
+    tasks = [task_for(load_config(path)) for path in configs]
+    assert [type(task) for task in tasks] == list(configs.values())
+    for task in (*tasks, TimedTask(tasks[0], timers=None)):
         assert isinstance(task, Task), type(task)
     members = [n for n in vars(OmniSource) if not n.startswith("_")]
     for source in (OmniLoader, WithPreferences):  # (properties and methods of the class)
         assert [n for n in members if not hasattr(source, n)] == [], source
     from megatron_omni.models.omni import omni_vocab
 
+    omni = load_config("configs/tiny/omni_mock.yaml")
     mock = MockOmniData(omni.omni, omni_vocab(omni.model, omni.omni), seq_length=64, micro_batch_size=1, seed=0)
     assert isinstance(mock, OmniSource)
     assert not isinstance(object(), OmniSource)

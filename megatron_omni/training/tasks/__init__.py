@@ -1,8 +1,9 @@
 """Training tasks: what `pretrain` trains (see `base.py` for the interface).
 
-    text   TextTask   Llama text pretraining (no `omni:` section)
-    omni   OmniTask   the omni-modal stages, DPO alignment tuning included (`omni:` section)
-    gspo   GSPOTask   the RL stage (`omni:` and `gspo:` sections)
+    text.py       TextTask       Llama text pretraining (no `omni:` section)
+    omni.py       OmniTask       the omni-modal stages (`omni:` section)
+    alignment.py  AlignmentTask  alignment tuning, DPO (Eq. 2): the omni task with preference pairs (`dpo:`)
+    gspo.py       GSPOTask       the RL stage: the omni task with rollouts and the GSPO loss (`gspo:`)
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ def task_for(cfg: RunConfig) -> Task:
         from megatron_omni.training.tasks.gspo import GSPOTask
 
         return GSPOTask(cfg)
+    if cfg.dpo is not None:
+        from megatron_omni.training.tasks.alignment import AlignmentTask
+
+        return AlignmentTask(cfg)
     from megatron_omni.training.tasks.omni import OmniTask
 
     return OmniTask(cfg)

@@ -8,8 +8,7 @@ step's modality plan from the scheduler (Sec. 3.1-3.3), microbatches from the st
 Loss: `training/omni_step.py::omni_forward_step` (per-token LM loss, per-modality reports).
 Validation: each modality's held-out loss, which also drives the adaptive balance (Eq. 8-11).
 
-Alignment tuning (DPO, Eq. 2) is this task on a source with a "preference" stream: OmniData
-plans the pairs' reference pass and the forward step computes the DPO loss on them.
+Variants: alignment tuning (DPO pairs, `alignment.py`) and the GSPO stage (`gspo.py`).
 """
 
 from __future__ import annotations
