@@ -1,7 +1,7 @@
 """The training loop: build, (resume,) step, log, checkpoint, stop on schedule or SIGTERM.
 
 What is trained -- the model, its data, the forward step and loss, the task's metrics and its
-validation -- is the `Task`'s (`training/tasks/`: text, omni, GSPO); this loop is the same for
+validation -- is the `Task`'s (`training/tasks/`: text, omni, alignment, GSPO); this loop is the same for
 every task.  A profiler (`megatron_omni.profiling.StepProfiler`, built by the caller) times it.
 """
 
@@ -102,6 +102,18 @@ def is_logging_step(t, step: int) -> bool:
     return step % t.log_interval == 0 or step == t.steps
 
 
+def run_meta(cfg: RunConfig, task: Task) -> Dict[str, Any]:
+    """The run's layout, batch and FLOPs: the training log's first line, the profiler's report
+    header, and what TFLOP/s and MFU are computed from."""
+    world, p, t = dist.get_world_size(), cfg.parallel, cfg.train
+    precision = "fp8" if cfg.model.fp8 else {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
+        params_dtype(t.precision)]
+    return dict(world=world, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, dp=data_parallel_size(cfg, world),
+                num_microbatches=num_microbatches(cfg), micro_batch_size=t.micro_batch_size,
+                global_batch_size=t.global_batch_size, seq_length=cfg.data.seq_length,
+                flops_per_step=task.llm_flops_per_step(), device=flops.detect_device(), precision=precision)
+
+
 def resume(cfg: RunConfig, state: TrainState) -> Optional[str]:
     """Load `train.load` (this run, resumed), else `train.pretrained_checkpoint` (weights only: a
     new stage of the recipe starts from the previous one's last checkpoint).  Returns the resumed
@@ -132,7 +144,7 @@ def pretrain(
     param_group_hook: Optional[ParamGroupHook] = None,
     profiler: Optional[Profiler] = None,
 ) -> TrainState:
-    """Train `task` (by default `task_for(cfg)`: text, omni or GSPO) for `cfg.train.steps` steps.
+    """Train `task` (by default `task_for(cfg)`: text, omni, alignment or GSPO) for `cfg.train.steps` steps.
 
     `profiler` switches on megatron timers (rows of metrics.jsonl then carry `timers`: ms per
     timer, max over ranks) and an optional torch.profiler window; without one nothing is timed
@@ -163,24 +175,13 @@ def pretrain(
     if guard.enabled:
         disable_ddp_nan_check(state.model)
 
-    world, n_micro = dist.get_world_size(), num_microbatches(cfg)
-    step_flops = task.llm_flops_per_step()
-    device = flops.detect_device()
-    precision = "fp8" if cfg.model.fp8 else {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
-        params_dtype(t.precision)]
+    meta = run_meta(cfg, task)
+    world, n_micro, step_flops = meta["world"], meta["num_microbatches"], meta["flops_per_step"]
     if profiler is not None:
-        profiler.attach(cfg, state, meta=dict(
-            world=world, tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, cp=cfg.parallel.cp,
-            dp=data_parallel_size(cfg, world), num_microbatches=n_micro,
-            micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
-            seq_length=cfg.data.seq_length, flops_per_step=step_flops, device=device, precision=precision,
-        ))
+        profiler.attach(cfg, state, meta=meta)
         task = profiler.wrap_task(task)
-    log.info(
-        "training %d steps | world %d = tp %d x pp %d x cp %d x dp %d | %d microbatches/step | %.3e FLOPs/step",
-        t.steps, world, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp,
-        data_parallel_size(cfg, world), n_micro, step_flops,
-    )
+    log.info("training %d steps | world %d = tp %d x pp %d x cp %d x dp %d | %d microbatches/step | %.3e FLOPs/step",
+             t.steps, world, meta["tp"], meta["pp"], meta["cp"], meta["dp"], n_micro, step_flops)
 
     run_start, steps_run = time.time(), 0
     while state.step < t.steps:
@@ -210,7 +211,7 @@ def pretrain(
             "step": state.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
             "tokens": result.tokens, "step_time_s": step_time,
             "tokens_per_s": t.global_batch_size * cfg.data.seq_length / step_time,
-            "tflops_per_gpu": tflops, "mfu": flops.mfu(tflops, device, precision),
+            "tflops_per_gpu": tflops, "mfu": flops.mfu(tflops, meta["device"], meta["precision"]),
             "consumed_samples": state.consumed_samples, **task_row,
         }
         nonfinite = result.grad_norm is not None and not math.isfinite(result.grad_norm)

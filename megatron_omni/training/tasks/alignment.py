@@ -117,8 +117,9 @@ class AlignmentData(OmniData):
         items = [PlannedPair(p.batch, 0.0) for p in pairs]
         with adapters_disabled(model):
             reports = run_schedule(model, [iter(items) for _ in range(self.num_chunks)], num_microbatches=len(items),
-                                   seq_length=self.cfg.data.seq_length, micro_batch_size=self.cfg.train.micro_batch_size,
-                                   forward_only=True, forward_step_func=self.forward_step_func)
+                                   seq_length=self.cfg.data.seq_length,
+                                   micro_batch_size=self.cfg.train.micro_batch_size, forward_only=True,
+                                   forward_step_func=self.forward_step_func)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             for p, report in zip(pairs, reports):
                 p.ref_logps = report["ref_logps"]
