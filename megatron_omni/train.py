@@ -36,9 +36,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        from megatron_omni.profiling.profiler import StepProfiler, options_for_training
         from megatron_omni.training.loop import pretrain
+        from megatron_omni.training.tasks import task_for
 
-        pretrain(cfg)
+        # train.timing_log_level: megatron timers in every metrics row (checkpoints as usual)
+        options = options_for_training(cfg.train.timing_log_level)
+        pretrain(cfg, task_for(cfg), profiler=StepProfiler(options) if options is not None else None)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

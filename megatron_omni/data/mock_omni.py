@@ -40,7 +40,8 @@ class _Sample:
 
 
 class MockOmniData:
-    """`next_microbatch(modality)` -> OmniMicrobatch [micro_batch_size, seq_length] for this DP rank.
+    """`next_microbatch(modality)` -> OmniMicrobatch [micro_batch_size, seq_length] for this DP rank
+    (an `OmniSource`, data/omni_source.py).
 
     With `preference` (alignment-tuning runs, `dpo` configured) there is a "preference" stream too:
     each row starts with a chosen and a rejected sample of the same prompt (an image question when
@@ -66,6 +67,16 @@ class MockOmniData:
         if self.preference:
             out += ["preference"]
         return out
+
+    # Generated microbatches are never unusable and need no background threads.
+    def skipped_by_modality(self) -> Dict[str, int]:
+        return {}
+
+    def bad_samples(self) -> Dict[str, int]:
+        return {}
+
+    def pause_prefetch(self) -> None:
+        pass
 
     def state_dict(self) -> dict:
         return {"consumed": dict(self.consumed)}

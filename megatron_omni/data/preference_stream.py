@@ -2,7 +2,8 @@
 
 Each row of a ``preference`` microbatch holds one pair: the chosen sample then the rejected one,
 two packed segments (attention never crosses them), then padding -- so the last pipeline stage can
-read both sequence log-probabilities of a pair from one row (`training/omni_step.preference_loss`).
+read both sequence log-probabilities of a pair from one row
+(`training/tasks/alignment.py::preference_loss`).
 Order, DP sharding and resume follow `SampleOrder` like every other modality stream; a pair whose
 media fail to decode or that does not fit a row is skipped and counted.
 """

@@ -1,7 +1,7 @@
 """`StepProfiler`: what `pretrain(..., profiler=...)` calls around every step.
 
 It installs `StepTimers` into the model config (schedules, finalize_model_grads) and the
-optimizer config, times data fetches, reads every rank's timers after each step (rows of
+optimizer config, times the task's data reads (`wrap_task`), reads every rank's timers after each step (rows of
 metrics.jsonl get `timers`: ms, max over ranks, as Megatron-LM's ``log_option='max'``),
 keeps the per-rank numbers on rank 0 for the report, and runs a `torch.profiler` window
 over a range of steps, saving a Chrome trace per rank.
@@ -13,13 +13,13 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_omni.profiling.timers import TRAIN_STEP, StepTimers, TimedIterator, TimedSource, ordered
+from megatron_omni.profiling.timers import TRAIN_STEP, StepTimers, TimedTask, ordered
 
 log = logging.getLogger("megatron_omni.train")
 
@@ -93,12 +93,9 @@ class StepProfiler:
         }
         self.rank_info = self._gather(mine) or []
 
-    def wrap_iterators(self, iterators: List[Optional[Iterator]]) -> List[Optional[Iterator]]:
-        return [None if it is None else TimedIterator(it, self.timers) for it in iterators]
-
-    def wrap_source(self, source):
-        """An omni data source whose microbatch fetches run under the `data-fetch` timer."""
-        return TimedSource(source, self.timers)
+    def wrap_task(self, task) -> TimedTask:
+        """The training task with its data reads timed (`data-fetch`, `data-wait`)."""
+        return TimedTask(task, self.timers)
 
     # ------------------------------------------------------------ per step
 

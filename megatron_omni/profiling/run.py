@@ -48,6 +48,7 @@ def run_profile(
     from megatron_omni.config import load_config
     from megatron_omni.profiling.report import summarize, write_report
     from megatron_omni.training.loop import pretrain
+    from megatron_omni.training.tasks import task_for
 
     if steps < 1 or not 0 <= warmup < steps:
         raise ValueError(f"need steps >= 1 and 0 <= warmup < steps, got steps={steps} warmup={warmup}")
@@ -57,7 +58,7 @@ def run_profile(
     profiler = StepProfiler(ProfileOptions(
         timing_log_level=timing_log_level, trace_steps=trace_steps if trace else None, trace_dir=out,
     ))
-    pretrain(cfg, profiler=profiler)
+    pretrain(cfg, task_for(cfg), profiler=profiler)
     if dist.get_rank() != 0:
         return None
     summary = summarize(

@@ -2,14 +2,14 @@
 
     torchrun --nproc_per_node 2 tools/count_host_syncs.py --config configs/tiny/omni_mock.yaml parallel.pp=2
 
-Builds the run as the training loop does (`build_train_state`, `build_omni_data`), trains
+Builds the run as the training loop does (`task_for`, `build_train_state`, `Task.build_data`), trains
 `warmup` steps uncounted (first-call caches, optimizer state allocation), then counts
 `steps` steps with `HostSyncCounter`, three windows per step:
 
 * ``step``: `train_step` -- forward, backward and optimizer through megatron's schedule (what
   `tests/profiling/test_host_syncs.py` bounds);
-* ``data``: `OmniData.step_iterators` -- drawing and planning the step's microbatches;
-* ``log``: what the loop adds for the metrics row (`step_metrics`, MoE routing statistics on
+* ``data``: `Task.step_iterators` -- drawing and planning the step's microbatches;
+* ``log``: what the loop adds for the metrics row (`Task.step_metrics`, MoE routing statistics on
   logging steps).
 
 Counts are per step (summed over the counted steps, divided by their number).
@@ -17,6 +17,7 @@ Counts are per step (summed over the counted steps, divided by their number).
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Dict, Optional, Sequence
 
@@ -35,10 +36,9 @@ def count_step_syncs(config: str, overrides: Sequence[str] = (), *, steps: int =
     statistics collected); by default the counted steps are not logging steps."""
     from megatron_omni.config import load_config
     from megatron_omni.models.moe.stats import collect_routing_stats, moe_routers, set_routing_stats_enabled
-    from megatron_omni.parallel.layout import unwrap
-    from megatron_omni.training.loop import build_train_state, is_logging_step, num_microbatches
-    from megatron_omni.training.omni_data import build_omni_data
+    from megatron_omni.training.loop import build_train_state, is_logging_step
     from megatron_omni.training.step import train_step
+    from megatron_omni.training.tasks import num_microbatches, task_for
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps} warmup={warmup}")
@@ -47,8 +47,9 @@ def count_step_syncs(config: str, overrides: Sequence[str] = (), *, steps: int =
     cfg = load_config(config, [*overrides, f"train.steps={total_steps + 1}", f"train.log_interval={log_interval}"])
     if cfg.omni is None:
         raise ValueError(f"{config}: count_step_syncs measures the omni step; the config has no omni section")
-    state = build_train_state(cfg)
-    data = build_omni_data(cfg, unwrap(state.model[0]).vocab, len(state.model), num_microbatches(cfg))
+    task = task_for(cfg)
+    state = build_train_state(cfg, task=task)
+    task.build_data(state)
     windows = {w: HostSyncCounter(backend) for w in WINDOWS}
     recorded = []  # per counted step: did any MoE router record routing statistics
     for i in range(total_steps):
@@ -60,15 +61,18 @@ def count_step_syncs(config: str, overrides: Sequence[str] = (), *, steps: int =
 
         set_routing_stats_enabled(state.model, logging_step)
         with window("data"):
-            iterators = data.step_iterators(state.step, state.model)
+            iterators = task.step_iterators(state)
         with window("step"):
-            result = train_step(state, iterators, num_microbatches=num_microbatches(cfg), seq_length=cfg.data.seq_length,
-                       micro_batch_size=cfg.train.micro_batch_size, forward_step_func=data.forward_step_func)
+            start = time.time()
+            result = train_step(state, iterators, num_microbatches=num_microbatches(cfg),
+                                seq_length=cfg.data.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                                forward_step_func=task.forward_step_func)
+            step_time = time.time() - start
         state.step += 1
         if counted:
             recorded.append(any(r.counter.counts for r in moe_routers(state.model)))
         with window("log"):
-            data.step_metrics(result.losses_reduced)  # the row's reductions and reads (collective)
+            task.step_metrics(state, result, step_time)  # the row's reductions and reads (collective)
             if cfg.model.moe is not None and logging_step:
                 collect_routing_stats(state.model)
     mine = {**{w: _summary(c, steps) for w, c in windows.items()}, "moe_stats_recorded": recorded}

@@ -19,8 +19,9 @@ Timer names (megatron-core 0.16 unless noted) and log levels:
   level 2  forward-compute, backward-compute (per microbatch, summed), the p2p timers
            forward-recv/-send, backward-recv/-send and the combined send-recv ones,
            data-wait (ours: fetching microbatches, part of forward-compute),
-           data-fetch (ours, omni runs: drawing the step's microbatches from the data source
-           before the schedule, outside forward-backward)
+           data-fetch (ours: the task planning the step's microbatches before the schedule,
+           outside forward-backward -- an omni step draws them all from its data source there;
+           an alignment-tuning step also runs its DPO reference forward there)
 """
 
 from __future__ import annotations
@@ -125,26 +126,51 @@ class TimedIterator:
             timer.stop()
 
 
-class TimedSource:
-    """Wraps an omni data source: each `next_microbatch()` runs under the `data-fetch` timer.
+class TimedTask:
+    """A training task (`training/tasks/base.py::Task`) whose data reads are timed: planning a
+    step's microbatches (`step_iterators`: for an omni step, drawing every microbatch from the
+    data source and computing their loss scales, before the schedule starts) under `data-fetch`,
+    and each microbatch read inside the schedule under `data-wait`.  Everything else is the
+    wrapped task's."""
 
-    The omni step draws all its microbatches before the schedule starts (the token counts of
-    the loss scales need them), so `data-wait` inside forward-compute only sees a list being
-    iterated; the real fetch is timed here.  Everything else (state, validation microbatches,
-    prefetch control, skipped counts) passes through to the wrapped source.
-    """
-
-    def __init__(self, source, timers: Timers):
-        self._source = source
+    def __init__(self, task, timers: Timers):
+        self.task = task
         self._timers = timers
+        self.cfg = task.cfg
+        self.forward_step_func = task.forward_step_func
 
-    def next_microbatch(self, modality: str):
+    def step_iterators(self, state) -> List[Optional[Iterator]]:
         timer = self._timers(DATA_FETCH, log_level=2)
         timer.start()
         try:
-            return self._source.next_microbatch(modality)
+            iterators = self.task.step_iterators(state)
         finally:
             timer.stop()
+        return [None if it is None else TimedIterator(it, self._timers) for it in iterators]
 
-    def __getattr__(self, name: str):
-        return getattr(self._source, name)
+    def build_model(self, params_dtype):
+        return self.task.build_model(params_dtype)
+
+    def llm_flops_per_step(self) -> float:
+        return self.task.llm_flops_per_step()
+
+    def build_data(self, state) -> None:
+        self.task.build_data(state)
+
+    def step_metrics(self, state, result, step_time_s: float):
+        return self.task.step_metrics(state, result, step_time_s)
+
+    def step_samples(self, state):
+        return self.task.step_samples(state)
+
+    def validate(self, state):
+        return self.task.validate(state)
+
+    def state_dict(self):
+        return self.task.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.task.load_state_dict(state)
+
+    def before_checkpoint(self) -> None:
+        self.task.before_checkpoint()

@@ -1,8 +1,8 @@
 """The GSPO stage in the training loop: rollouts, rewards, advantages, then mini-batch updates.
 
-`GSPOData` stands where `OmniData` stands for the supervised stages (`training/loop.py` asks it
-for each optimizer step's microbatch iterators and metrics).  One *rollout batch* feeds
-`gspo.minibatches` consecutive optimizer steps; at its first step:
+`GSPOData` stands where `OmniData` stands for the supervised stages (the GSPO task,
+`training/tasks/gspo.py`, asks it for each optimizer step's microbatch iterators and metrics).
+One *rollout batch* feeds `gspo.minibatches` consecutive optimizer steps; at its first step:
 
 1. this DP rank draws its prompts (`rollout.PromptSource`) and every model-parallel rank of the
    replica generates G responses per prompt with the *current* policy, on the training layout
@@ -35,11 +35,12 @@ from megatron_omni.config.loader import ConfigError
 from megatron_omni.config.schema import RunConfig
 from megatron_omni.data.packing import collate_rows
 from megatron_omni.rl.advantages import group_advantages
+from megatron_omni.rl.forward_step import gspo_forward_step
 from megatron_omni.rl.loss import GSPO_REPORTS, LOGPROBS, RolloutTargets
 from megatron_omni.rl.rewards import combined_reward
 from megatron_omni.rl.rollout import PromptSource, RolloutEncoder
 from megatron_omni.training.omni_data import sum_reports
-from megatron_omni.training.omni_step import PlannedMicrobatch, omni_forward_step
+from megatron_omni.training.omni_step import PlannedMicrobatch
 from megatron_omni.training.step import LM_LOSS, run_schedule
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def _mean_std(total: float, sq: float, n: float):
 
 
 class GSPOData:
-    forward_step_func = staticmethod(omni_forward_step)
+    forward_step_func = staticmethod(gspo_forward_step)
 
     def __init__(self, cfg: RunConfig, prompts: PromptSource, encoder: RolloutEncoder, num_chunks: int,
                  num_microbatches: int):
@@ -83,7 +84,6 @@ class GSPOData:
         self._rollout_time = self._train_start = 0.0
         self.last_texts: List[str] = []  # the last rollout batch's decoded responses and rewards (this rank)
         self.last_rewards: List[float] = []
-        self.source = None  # no loader threads (profiler hook compatibility)
 
     # ---------------------------------------------------------------- per optimizer step
 

@@ -90,23 +90,27 @@ def _flatten(row: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def progress_line(
-    *, step: int, total: int, loss: float, lr: float, grad_norm: Optional[float], step_time_s: float,
-    tokens_per_s: float, tflops_per_gpu: float, mfu: Optional[float], consumed_samples: int, eta_s: float,
-) -> str:
+def progress_line(row: Dict[str, Any], *, total: int, eta_s: float) -> str:
+    """Megatron-LM's progress line for a metrics row, plus what the task reported (validation
+    loss, per-modality losses, skipped samples) when the row has it."""
     parts = [
-        f"step {step:>6d}/{total:<6d}",
-        f"consumed samples: {consumed_samples:>9d}",
-        f"step time (ms): {step_time_s * 1e3:8.1f}",
-        f"lr: {lr:.3E}",
-        f"loss: {loss:.6E}",
-        f"grad norm: {grad_norm:.4f}" if grad_norm is not None else "grad norm: n/a",
-        f"tokens/s: {tokens_per_s:,.0f}",
-        f"TFLOP/s/GPU: {tflops_per_gpu:.3f}",
+        f"step {row['step']:>6d}/{total:<6d}",
+        f"consumed samples: {row['consumed_samples']:>9d}",
+        f"step time (ms): {row['step_time_s'] * 1e3:8.1f}",
+        f"lr: {row['lr']:.3E}",
+        f"loss: {row['loss']:.6E}",
+        f"grad norm: {row['grad_norm']:.4f}" if row["grad_norm"] is not None else "grad norm: n/a",
+        f"tokens/s: {row['tokens_per_s']:,.0f}",
+        f"TFLOP/s/GPU: {row['tflops_per_gpu']:.3f}",
     ]
-    if mfu is not None:
-        parts.append(f"MFU: {100 * mfu:.1f}%")
+    if row["mfu"] is not None:
+        parts.append(f"MFU: {100 * row['mfu']:.1f}%")
     parts.append(f"ETA {format_eta(eta_s)}")
+    if "val_loss" in row:
+        parts.append(f"val loss: {row['val_loss']:.6E}")
+    parts += [f"{m} loss: {v:.4E}" for m, v in row.get("losses", {}).items()]
+    if row.get("skipped_samples"):
+        parts.append(f"skipped samples: {row['skipped_samples']}")
     return " | ".join(parts)
 
 

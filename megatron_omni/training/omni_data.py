@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -22,15 +22,16 @@ from megatron.core import parallel_state
 
 from megatron_omni.balance import ModalityRoundScheduler, SchedulerConfig
 from megatron_omni.balance.loss import all_reduce_modality_tokens, local_modality_tokens, microbatch_loss_scale
-from megatron_omni.config.schema import DPOConfig, RunConfig
+from megatron_omni.config.loader import ConfigError
+from megatron_omni.config.schema import RunConfig
+from megatron_omni.data.omni_batch import OmniMicrobatch
+from megatron_omni.data.omni_source import OmniSource
+from megatron_omni.data.preference_stream import PREFERENCE
 from megatron_omni.parallel.layout import unwrap
 from megatron_omni.training.encoder_flops import encoder_training_flops
 from megatron_omni.training.omni_step import (
     AUDIO_GEN_LOSS,
-    DPO_ACCURACY,
-    DPO_LOSS,
     MODALITY_LOSS_PREFIX,
-    PREFERENCE,
     UNDERSTANDING_LOSS,
     PlannedMicrobatch,
     omni_forward_step,
@@ -56,16 +57,29 @@ def sum_reports(losses_reduced: List[Dict[str, torch.Tensor]], names: List[str])
     return {name: totals[i].cpu() for i, name in enumerate(names)}
 
 
+def report_mean(total: torch.Tensor) -> Optional[float]:
+    """sum / count of a summed report ([sum, count]); None when nothing was counted."""
+    return float(total[0] / total[1]) if float(total[1]) > 0 else None
+
+
 class OmniData:
+    """The omni stages' data plan.  Alignment tuning's variant (DPO pairs, their reference pass,
+    Eq. 2's weights) is `training/tasks/alignment.py::AlignmentData`, which overrides the hooks
+    `_loss_units`, `_planned`, `_before_step`, `_effective_weights`, `report_names` and `_metrics`."""
+
     forward_step_func = staticmethod(omni_forward_step)
 
-    def __init__(self, cfg: RunConfig, source, scheduler, num_chunks: int, num_microbatches: int):
+    def __init__(self, cfg: RunConfig, source: OmniSource, scheduler: ModalityRoundScheduler, num_chunks: int,
+                 num_microbatches: int):
+        if not isinstance(source, OmniSource):
+            missing = [n for n in vars(OmniSource) if not n.startswith("_") and not hasattr(source, n)]
+            raise TypeError(f"omni data source {type(source).__name__} lacks {missing} of OmniSource "
+                            "(data/omni_source.py)")
         self.cfg, self.source, self.scheduler = cfg, source, scheduler
         self.num_chunks, self.num_microbatches = num_chunks, num_microbatches
         self.modalities: List[str] = list(scheduler.modalities)
         # Dynamic adaptive balance (Sec. 3.2): validation losses every train.eval_interval steps.
         self.balancer = scheduler.make_adaptive_balancer() if scheduler.cfg.adaptive.enabled else None
-        self.dpo = cfg.dpo or DPOConfig()
         self._step_encoder_flops: Dict[str, float] = {}
         self._step_microbatches: Dict[str, int] = {}
         self._step_samples: List[Tuple[str, List[str]]] = []
@@ -81,18 +95,15 @@ class OmniData:
         if model and unwrap(model[0]).pre_process:  # the placeholder counts, read here on the host tensors
             for b in batches:
                 b.count_placeholders(unwrap(model[0]).vocab.placeholder_ids)
-        # Eq. 5/7 scaling needs every modality's loss units over the whole global batch: target
-        # tokens, or pairs for the DPO stream (its loss is a mean over pairs).  Over DP only: the
-        # CP ranks of a replica read the same microbatches.
-        units = [torch.ones(b.tokens.shape[0]) if b.modality == PREFERENCE else b.loss_mask for b in batches]
+        # Eq. 5/7 scaling needs every modality's loss units over the whole global batch.  Over DP
+        # only: the CP ranks of a replica read the same microbatches.
+        units = [self._loss_units(b) for b in batches]
         tokens = all_reduce_modality_tokens(
             local_modality_tokens(plan.microbatch_modalities, units, self.modalities),
             parallel_state.get_data_parallel_group())
         weights = self._effective_weights(plan.modality_weights)
-        planned = [PlannedMicrobatch(b, microbatch_loss_scale(b.modality, tokens, weights), dpo_beta=self.dpo.beta)
-                   for b in batches]
-        if any(b.modality == PREFERENCE for b in batches):
-            self._reference_logps(model, [p for p in planned if p.batch.modality == PREFERENCE])
+        planned = [self._planned(b, microbatch_loss_scale(b.modality, tokens, weights)) for b in batches]
+        self._before_step(model, planned)
         omni = self.cfg.omni
         # per modality, so throughput reports can show each modality's encoder share of the FLOPs
         self._step_encoder_flops = {m: 0.0 for m in self.modalities}
@@ -107,44 +118,32 @@ class OmniData:
         """(modality, sample ids) of each of this DP rank's microbatches of the last step, in order."""
         return self._step_samples
 
-    @torch.no_grad()
-    def _reference_logps(self, model: list, planned: List[PlannedMicrobatch]) -> None:
-        """DPO reference log-probs (Eq. 2): the same model with its LoRA adapters off -- no second
-        copy -- in a forward-only pass over the step's preference microbatches; the last pipeline
-        stage keeps them on the microbatches for the training pass."""
-        from megatron_omni.models.lora import adapters_disabled
-        from megatron_omni.training.step import run_schedule
+    def _loss_units(self, batch: OmniMicrobatch) -> torch.Tensor:
+        """What a modality's loss is a mean over (Eq. 5/7): its target tokens."""
+        return batch.loss_mask
 
-        items = [PlannedMicrobatch(p.batch, 0.0, None) for p in planned]
-        with adapters_disabled(model):
-            reports = run_schedule(model, [iter(items) for _ in range(self.num_chunks)], num_microbatches=len(items),
-                                   seq_length=self.cfg.data.seq_length, micro_batch_size=self.cfg.train.micro_batch_size,
-                                   forward_only=True, forward_step_func=self.forward_step_func)
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            for p, report in zip(planned, reports):
-                p.ref_logps = report["ref_logps"]
+    def _planned(self, batch: OmniMicrobatch, loss_scale: float) -> PlannedMicrobatch:
+        return PlannedMicrobatch(batch, loss_scale)
+
+    def _before_step(self, model: Optional[list], planned: List[PlannedMicrobatch]) -> None:
+        """Work the step's microbatches need before the schedule runs them (none here)."""
 
     def report_names(self) -> List[str]:
-        return [LM_LOSS, UNDERSTANDING_LOSS, AUDIO_GEN_LOSS, DPO_LOSS, DPO_ACCURACY] + [
-            MODALITY_LOSS_PREFIX + m for m in self.modalities]
+        return [LM_LOSS, UNDERSTANDING_LOSS, AUDIO_GEN_LOSS] + [MODALITY_LOSS_PREFIX + m for m in self.modalities]
 
     def reduce_reports(self, losses_reduced: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         return sum_reports(losses_reduced, self.report_names())
 
     def step_metrics(self, losses_reduced: List[Dict[str, torch.Tensor]]) -> Dict[str, object]:
-        totals = self.reduce_reports(losses_reduced)
+        """The step's fields of the metrics row (collective: report sums over DP x CP and PP)."""
+        return self._metrics(self.reduce_reports(losses_reduced))
 
-        def mean(t):
-            return float(t[0] / t[1]) if float(t[1]) > 0 else None
-
-        losses = {name[len(MODALITY_LOSS_PREFIX):]: mean(t) for name, t in totals.items()
+    def _metrics(self, totals: Dict[str, torch.Tensor]) -> Dict[str, object]:
+        losses = {name[len(MODALITY_LOSS_PREFIX):]: report_mean(t) for name, t in totals.items()
                   if name.startswith(MODALITY_LOSS_PREFIX) and float(t[1]) > 0}
         skipped, by_modality, bad, encoder_flops = self._dp_sums()
-        extra = {}
-        if PREFERENCE in self.modalities:
-            extra = {"dpo_loss": mean(totals[DPO_LOSS]), "dpo_accuracy": mean(totals[DPO_ACCURACY])}
-        return {"losses": losses, "understanding_loss": mean(totals[UNDERSTANDING_LOSS]), **extra,
-                "audio_gen_loss": mean(totals[AUDIO_GEN_LOSS]),
+        return {"losses": losses, "understanding_loss": report_mean(totals[UNDERSTANDING_LOSS]),
+                "audio_gen_loss": report_mean(totals[AUDIO_GEN_LOSS]),
                 "skipped_samples": int(skipped), "skipped_samples_by_modality": by_modality,
                 "bad_samples_by_modality": bad, "encoder_flops": sum(encoder_flops.values()),
                 "encoder_flops_by_modality": encoder_flops}
@@ -154,9 +153,9 @@ class OmniData:
         FLOPs of the step}) summed over the data-parallel group in one all-reduce: every rank of a
         DP replica (its TP, PP and CP ranks) reads the same data, so each replica counts once."""
         ms = self.modalities
-        skips = getattr(self.source, "skipped_by_modality", dict)()  # occurrences (mock data: none)
-        bad = getattr(self.source, "bad_samples", dict)()  # distinct samples
-        n = torch.tensor([float(getattr(self.source, "skipped_samples", 0)), *(float(skips.get(m, 0)) for m in ms),
+        skips = self.source.skipped_by_modality()  # occurrences
+        bad = self.source.bad_samples()  # distinct samples
+        n = torch.tensor([float(self.source.skipped_samples), *(float(skips.get(m, 0)) for m in ms),
                           *(float(bad.get(m, 0)) for m in ms), *(self._step_encoder_flops.get(m, 0.0) for m in ms)],
                          dtype=torch.float64, device=torch.cuda.current_device())
         dist.all_reduce(n, group=parallel_state.get_data_parallel_group())
@@ -187,7 +186,7 @@ class OmniData:
             batches = batches[:int(n.item())]
             if not batches:  # e.g. the DPO stream: not part of the adaptive balance
                 continue
-            iterators = [iter([PlannedMicrobatch(b) for b in batches]) for _ in range(self.num_chunks)]
+            iterators = [iter([self._planned(b, 1.0) for b in batches]) for _ in range(self.num_chunks)]
             losses = run_schedule(model, iterators, num_microbatches=len(batches), seq_length=self.cfg.data.seq_length,
                                   micro_batch_size=self.cfg.train.micro_batch_size, forward_only=True,
                                   forward_step_func=self.forward_step_func)
@@ -206,11 +205,8 @@ class OmniData:
         return dict(zip(self.modalities, weights))
 
     def _effective_weights(self, planned: Dict[str, float]) -> Dict[str, float]:
-        """The scheduler's w_i; with preference pairs, Eq. 2: L_dpo + lambda * (each L_it)."""
-        weights = {m: planned.get(m, 1.0) for m in self.modalities}
-        if PREFERENCE in self.modalities:
-            weights = {m: w if m == PREFERENCE else w * self.dpo.it_weight for m, w in weights.items()}
-        return weights
+        """The scheduler's w_i of each modality (Eq. 5/7)."""
+        return {m: planned.get(m, 1.0) for m in self.modalities}
 
     def modality_weights(self, step: int) -> Dict[str, float]:
         return self._effective_weights(self.scheduler.plan(step).modality_weights)
@@ -219,8 +215,7 @@ class OmniData:
 
     def before_checkpoint(self) -> None:
         """Quiesce the loader's background threads (megatron's checkpoint writer forks)."""
-        if hasattr(self.source, "pause_prefetch"):
-            self.source.pause_prefetch()
+        self.source.pause_prefetch()
 
     def state_dict(self) -> dict:
         return {"source": self.source.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -242,7 +237,10 @@ class OmniData:
             self.balancer.load_state_dict(state["balancer"])
 
 
-def build_omni_data(cfg: RunConfig, vocab, num_chunks: int, num_microbatches: int) -> OmniData:
+def build_omni_data(cfg: RunConfig, vocab, num_chunks: int, num_microbatches: int,
+                    data_type: Type[OmniData] = OmniData) -> OmniData:
+    """The stage's source (the blend loader, or mock data with `data.mock`) and modality scheduler
+    (`balance:`, by default every modality of the data) as `data_type`."""
     dp_rank = parallel_state.get_data_parallel_rank()
     if cfg.data.mock:
         from megatron_omni.data.mock_omni import MockOmniData
@@ -260,10 +258,13 @@ def build_omni_data(cfg: RunConfig, vocab, num_chunks: int, num_microbatches: in
     missing = [m for m in balance.modalities if m not in source.modalities]
     if missing:
         raise ValueError(f"balance.modalities {missing} have no data (data modalities: {list(source.modalities)})")
+    if PREFERENCE in balance.modalities and cfg.dpo is None:
+        raise ConfigError(f"data.omni_blend={cfg.data.omni_blend} has DPO preference pairs: alignment tuning needs a "
+                          "dpo: section (e.g. dpo: {beta: 0.1, it_weight: 0.3}, configs/tiny/stages/at.yaml)")
     scheduler = ModalityRoundScheduler(balance, num_microbatches, cfg.train.seed)
     log.info("modality plan: %s over %s (pure-text share %s)", balance.mode, ", ".join(balance.modalities),
              balance.pure_text_share)
-    return OmniData(cfg, source, scheduler, num_chunks, num_microbatches)
+    return data_type(cfg, source, scheduler, num_chunks, num_microbatches)
 
 
 def build_blend_loader(cfg: RunConfig, vocab, dp_rank: int):

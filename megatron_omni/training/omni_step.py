@@ -17,74 +17,32 @@ and the loss of the microbatch's modality ("loss/<modality>").
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
 from megatron_omni.data.omni_batch import OmniMicrobatch
 from megatron_omni.models.omni_vocab import OmniVocab
 from megatron_omni.parallel.layout import unwrap
-from megatron_omni.training.dpo import dpo_loss
 from megatron_omni.training.stage_inputs import stage_inputs
 from megatron_omni.training.step import LM_LOSS
-
-if TYPE_CHECKING:
-    from megatron_omni.rl.loss import RolloutTargets
 
 UNDERSTANDING_LOSS = "understanding loss"
 AUDIO_GEN_LOSS = "audio generation loss"
 MODALITY_LOSS_PREFIX = "loss/"
 
 
-DPO_LOSS = "dpo loss"
-DPO_ACCURACY = "dpo accuracy"
-PREFERENCE = "preference"
-
-
 @dataclass
 class PlannedMicrobatch:
     batch: OmniMicrobatch
     loss_scale: float = 1.0
-    # preference microbatches (alignment tuning): the reference policy's (chosen, rejected) sequence
-    # log-probs per row, [B, 2], on the last pipeline stage; None in the reference pass itself
-    ref_logps: Optional[torch.Tensor] = None
-    dpo_beta: float = 0.1
-    # GSPO microbatches (rl/): rollouts with their old log-probs and advantages; None otherwise
-    rollout: Optional["RolloutTargets"] = None
+    # GSPO microbatches: rollouts with their old log-probs and advantages (rl/loss.py::RolloutTargets,
+    # read by the GSPO forward step, rl/forward_step.py); None otherwise
+    rollout: Optional[Any] = None
     # this microbatch's tensors on the device, shared by the rank's virtual pipeline chunks
     device_cache: Dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
-
-
-def pair_logprobs(batch: OmniMicrobatch, per_token_loss: torch.Tensor) -> torch.Tensor:
-    """[B, 2] sequence log-probs of (chosen, rejected): each row of a preference microbatch holds
-    the chosen sample, then the rejected one, as its first two segments (data/preference_stream.py)."""
-    seg = batch.segment_ids()
-    local = seg - seg[:, :1]  # 0 = chosen, 1 = rejected, 2 = padding
-    logp = -per_token_loss.float() * batch.loss_mask.float()
-    return torch.stack([(logp * (local == 0)).sum(-1), (logp * (local == 1)).sum(-1)], dim=-1)
-
-
-def preference_loss(planned: PlannedMicrobatch, output_tensor: torch.Tensor):
-    """L_dpo of paper Eq. 2 summed over the microbatch's pairs (the step's loss scaling turns the
-    sum into the mean over all pairs of the global batch); without reference log-probs this is
-    the reference pass and only reports them."""
-    logps = pair_logprobs(planned.batch, output_tensor)
-    pairs = torch.tensor(logps.shape[0], dtype=torch.int, device=logps.device)
-    if planned.ref_logps is None:
-        return logps.sum() * 0.0, pairs, {"ref_logps": logps.detach()}
-    ref = planned.ref_logps.to(logps.device)
-    loss, metrics = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], planned.dpo_beta)
-    n = float(logps.shape[0])
-    loss_sum = loss * n
-    reports = {
-        DPO_LOSS: torch.stack([loss_sum.detach(), torch.tensor(n, device=loss.device)]),
-        MODALITY_LOSS_PREFIX + PREFERENCE: torch.stack([loss_sum.detach(), torch.tensor(n, device=loss.device)]),
-        DPO_ACCURACY: torch.stack([metrics["accuracy"] * n, torch.tensor(n, device=loss.device)]),
-    }
-    return loss_sum * planned.loss_scale, pairs, reports
 
 
 def omni_loss(batch: OmniMicrobatch, vocab: OmniVocab, loss_scale: float, output_tensor: torch.Tensor):
@@ -108,11 +66,12 @@ def omni_loss(batch: OmniMicrobatch, vocab: OmniVocab, loss_scale: float, output
     return loss_sum * loss_scale, num_tokens, reports
 
 
-def omni_forward_step(data_iterator: Iterator[PlannedMicrobatch], model: torch.nn.Module):
-    """megatron forward_step_func.  Every pipeline stage reads the microbatch: all need the M-RoPE
-    positions and the packing (mask or THD parameters); only the first stage uses tokens and media, the last labels
-    (`stage_inputs` moves just those, once per microbatch)."""
-    planned = next(data_iterator)
+def omni_model_forward(planned: PlannedMicrobatch, model: torch.nn.Module) -> Tuple[torch.Tensor, OmniMicrobatch]:
+    """The model chunk on one planned microbatch: (its output -- per-token losses on the last stage,
+    hidden states elsewhere --, the microbatch with this stage's fields on the device).  Every
+    pipeline stage reads the microbatch: all need the M-RoPE positions and the packing (mask or THD
+    parameters); only the first stage uses tokens and media, the last labels (`stage_inputs` moves
+    just those, once per microbatch)."""
     inner = unwrap(model)
     if inner.pre_process:  # python ints counted on the host copy; a no-op when the data side did it
         planned.batch.count_placeholders(inner.vocab.placeholder_ids)
@@ -125,10 +84,11 @@ def omni_forward_step(data_iterator: Iterator[PlannedMicrobatch], model: torch.n
     output = model(batch.tokens if inner.pre_process else None, batch.position_ids, mask,
                    labels=batch.labels if inner.post_process else None, packed_seq_params=packed_seq_params,
                    **media)
-    if planned.rollout is not None:
-        from megatron_omni.rl.loss import gspo_microbatch_loss
+    return output, batch
 
-        return output, partial(gspo_microbatch_loss, dataclasses.replace(planned, batch=batch))
-    if batch.modality == PREFERENCE:
-        return output, partial(preference_loss, dataclasses.replace(planned, batch=batch))
-    return output, partial(omni_loss, batch, inner.vocab, planned.loss_scale)
+
+def omni_forward_step(data_iterator: Iterator[PlannedMicrobatch], model: torch.nn.Module):
+    """megatron forward_step_func of the omni stages: the model, then `omni_loss`."""
+    planned = next(data_iterator)
+    output, batch = omni_model_forward(planned, model)
+    return output, partial(omni_loss, batch, unwrap(model).vocab, planned.loss_scale)

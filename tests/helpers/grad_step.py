@@ -20,32 +20,23 @@ def main() -> None:
     from megatron_omni.config import load_config
     from megatron_omni.parallel.initialize import destroy_distributed
     from megatron_omni.parallel.layout import gather_full_model
-    from megatron_omni.training.loop import build_train_state, num_microbatches
+    from megatron_omni.training.loop import build_train_state
     from megatron_omni.training.step import reduce_losses, run_schedule
-    from megatron_omni.training.text_data import build_text_data
+    from megatron_omni.training.tasks import num_microbatches, task_for
 
     cfg = load_config(config, overrides)
-    state = build_train_state(cfg)
-    extra, forward_step_func = {}, None
-    if cfg.omni is not None:
-        from megatron_omni.parallel.layout import unwrap
-        from megatron_omni.training.omni_data import build_omni_data
-
-        data = build_omni_data(cfg, unwrap(state.model[0]).vocab, len(state.model), num_microbatches(cfg))
-        iterators, forward_step_func = data.step_iterators(0), data.forward_step_func
-    else:
-        data = build_text_data(cfg)
-        iterators = data.train_iterators(cfg, len(state.model), consumed_samples=0)
+    task = task_for(cfg)
+    state = build_train_state(cfg, task=task)
+    task.build_data(state)
+    iterators = task.step_iterators(state)
     for chunk in state.model:
         chunk.zero_grad_buffer()
     losses = run_schedule(
         state.model, iterators, num_microbatches=num_microbatches(cfg), seq_length=cfg.data.seq_length,
-        micro_batch_size=cfg.train.micro_batch_size, forward_only=False,
-        **({"forward_step_func": forward_step_func} if forward_step_func else {}),
+        micro_batch_size=cfg.train.micro_batch_size, forward_only=False, forward_step_func=task.forward_step_func,
     )
     total = reduce_losses(losses)
-    if cfg.omni is not None:
-        extra = data.step_metrics(losses)
+    extra = task.data.step_metrics(losses) if cfg.omni is not None else {}  # the per-modality losses
     grads = gather_full_model(state.model, grads=True)
     # what the optimizer holds (fp32 main params of this rank's shard; all of them at DP=1)
     extra["optimizer_numel"] = sum(p.numel() for g in state.optimizer.param_groups for p in g["params"])

@@ -20,22 +20,24 @@ import torch
 
 def _one_precision(config, overrides, precision, steps):
     from megatron_omni.config import load_config
-    from megatron_omni.parallel.layout import gather_full_model, unwrap
-    from megatron_omni.training.loop import build_train_state, num_microbatches
-    from megatron_omni.training.omni_data import build_omni_data
+    from megatron_omni.parallel.layout import gather_full_model
+    from megatron_omni.training.loop import build_train_state
     from megatron_omni.training.step import reduce_losses, run_schedule, train_step
+    from megatron_omni.training.tasks import num_microbatches, task_for
 
     cfg = load_config(config, [*overrides, f"train.precision={precision}"])
-    state = build_train_state(cfg)
+    task = task_for(cfg)
+    state = build_train_state(cfg, task=task)
     n_micro = num_microbatches(cfg)
-    data = build_omni_data(cfg, unwrap(state.model[0]).vocab, len(state.model), n_micro)
+    task.build_data(state)
+    data = task.data  # the omni data: per-modality losses of each step
     kw = dict(num_microbatches=n_micro, seq_length=cfg.data.seq_length, micro_batch_size=cfg.train.micro_batch_size)
     # step 1 by hand, to read the gradients between backward and optimizer
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
-    losses = run_schedule(state.model, data.step_iterators(0, state.model), forward_only=False,
-                          forward_step_func=data.forward_step_func, **kw)
+    losses = run_schedule(state.model, task.step_iterators(state), forward_only=False,
+                          forward_step_func=task.forward_step_func, **kw)
     total = reduce_losses(losses)
     grads = gather_full_model(state.model, grads=True)
     backward_scale = float(state.optimizer.get_loss_scale())  # fp16: main_grad holds scaled gradients
@@ -47,8 +49,8 @@ def _one_precision(config, overrides, precision, steps):
     rows = [{"loss": (total[0] / total[1].clamp(min=1)).item(), "grad_norm": grad_norm, "update_successful": ok,
              **{k: v for k, v in metrics.items() if k in ("losses", "audio_gen_loss", "dpo_loss")}}]
     for step in range(1, steps):
-        result = train_step(state, data.step_iterators(step, state.model), forward_step_func=data.forward_step_func,
-                            **kw)
+        state.step = step
+        result = train_step(state, task.step_iterators(state), forward_step_func=task.forward_step_func, **kw)
         rows.append({"loss": result.loss, "grad_norm": result.grad_norm, "update_successful": result.update_successful,
                      **{k: v for k, v in data.step_metrics(result.losses_reduced).items()
                         if k in ("losses", "audio_gen_loss", "dpo_loss")}})

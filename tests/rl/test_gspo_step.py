@@ -27,7 +27,7 @@ def test_gspo_step_equals_paper_formula_on_model_logprobs(demo_data, tmp_path):
     from megatron_omni.models.omni import build_omni_chunks, init_omni_weights_layout_invariant
     from megatron_omni.rl.loss import GSPO_CLIP_FRACTION
     from megatron_omni.rl.stage import build_gspo_data
-    from megatron_omni.training.omni_step import omni_forward_step
+    from megatron_omni.rl.forward_step import gspo_forward_step
     from megatron_omni.training.stage_inputs import stage_inputs
     from tests.rl.test_gspo_loss import _paper_loss
 
@@ -58,7 +58,7 @@ def test_gspo_step_equals_paper_formula_on_model_logprobs(demo_data, tmp_path):
         total, count, clipped = 0.0, 0, 0.0
         losses = []
         for p in planned:
-            output, loss_func = omni_forward_step(iter([p]), model)
+            output, loss_func = gspo_forward_step(iter([p]), model)
             loss_sum, n, reports = loss_func(output)
             losses.append(loss_sum)
             count += int(n)

@@ -31,13 +31,6 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 PACKAGE = "megatron_omni"
 ROOT = Path(__file__).resolve().parents[2] / PACKAGE
 
-# The one cycle left, removed by the Task refactor (issue 19 item 1: the profiler wraps a task through
-# the interface, training/loop.py no longer imports profiling): delete the entry when that lands.  The test
-# fails on any other cycle, and on a listed one that is gone.
-KNOWN_CYCLES_REMOVED_BY_TASK_REFACTOR: Tuple[frozenset, ...] = (
-    frozenset({"megatron_omni.training.loop", "megatron_omni.profiling", "megatron_omni.profiling.run"}),
-)
-
 
 def module_files(root: Path = ROOT) -> Dict[str, Path]:
     """Dotted module name -> source file, for every .py under the package."""
@@ -238,9 +231,5 @@ def test_config_imports_no_model_or_training_module():
 def test_no_import_cycles():
     graph = package_graph()
     assert len(graph.files) > 100, "the walk found too few modules: wrong package root?"
-    found = set(graph.cycles())
-    unexpected = [c for c in found if c not in KNOWN_CYCLES_REMOVED_BY_TASK_REFACTOR]
-    assert not unexpected, "import cycles (cut one edge of each):\n" + "\n\n".join(
-        graph.describe(c) for c in unexpected)
-    gone = [sorted(c) for c in KNOWN_CYCLES_REMOVED_BY_TASK_REFACTOR if c not in found]
-    assert not gone, f"KNOWN_CYCLES_REMOVED_BY_TASK_REFACTOR lists cycles that no longer exist, delete them: {gone}"
+    found = graph.cycles()
+    assert not found, "import cycles (cut one edge of each):\n" + "\n\n".join(graph.describe(c) for c in found)
