@@ -12,6 +12,7 @@ merged on top (`model: {base: model/llama3_8b.yaml, fp8: hybrid}`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import typing
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -31,9 +32,29 @@ from megatron_omni.config.typed import (  # noqa: F401  (ConfigError, from_dict,
 )
 
 
+# Keys that older runs wrote into their config.yaml and that no longer exist: dropped with a warning
+# (not an "unknown config key" error), so a checkpoint's saved config still loads (resume,
+# tools/generate.py, conversion).  Value: what to use instead, or why nothing replaces it.
+RETIRED_KEYS = {
+    ("train", "deterministic"): "it never did anything; model.deterministic_mode is megatron's deterministic mode",
+    ("train", "ckpt_format"): "it was never read; checkpoints are torch_dist and a load reads the format from the "
+                              "checkpoint",
+}
+
+
+def _drop_retired_keys(data: Dict[str, Any], path: str) -> None:
+    for (section, key), instead in RETIRED_KEYS.items():
+        node = data.get(section)
+        if isinstance(node, dict) and key in node:
+            del node[key]
+            logging.getLogger("megatron_omni.config").warning("%s: ignoring retired key %s.%s (%s)", path, section,
+                                                              key, instead)
+
+
 def load_yaml_tree(path: str) -> Dict[str, Any]:
     """Read a run config, resolving `base:` and section-file references."""
     data = _read_yaml(path)
+    _drop_retired_keys(data, path)
     here = os.path.dirname(os.path.abspath(path))
     base = data.pop("base", None)
     if base is not None:

@@ -98,3 +98,16 @@ def test_section_base_extends_a_model_file_and_child_base_replaces_inherited_sec
     assert c70.data.seq_length == c8.data.seq_length == 8192  # inherited untouched
     validate(c8, 8)
     validate(c70, 64)
+
+
+def test_a_saved_config_with_retired_keys_still_loads(tmp_path, caplog):
+    """A run directory written before train.deterministic / train.ckpt_format were retired: its
+    config.yaml loads (resume, tools/generate.py) with one warning per key, not an unknown-key error."""
+    saved = tmp_path / "config.yaml"
+    saved.write_text(f"base: {__import__('pathlib').Path(TINY).resolve()}\ntrain: {{deterministic: true, ckpt_format: torch_dist, steps: 3}}\n")
+    with caplog.at_level("WARNING", logger="megatron_omni.config"):
+        cfg = load_config(str(saved))
+    assert cfg.train.steps == 3 and not cfg.model.deterministic_mode
+    assert "ignoring retired key train.deterministic" in caplog.text and "train.ckpt_format" in caplog.text
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(str(saved), ["train.deterministic=true"])  # a user setting it now is told at once
