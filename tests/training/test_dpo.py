@@ -1,7 +1,7 @@
 """DPO (Rafailov et al. 2023, Eq. 7) on hand-computed numbers, and the trainer's preference loss on packed rows.
 
 The lambda of M2-omni Eq. 2 is not a separate function: the step weights the instruction-tuning
-microbatches by it (training/omni_data.py), through the per-modality scales of balance/loss.py."""
+microbatches by it (training/tasks/alignment.py), through the per-modality scales of balance/loss.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 
 from megatron_omni.data.omni_batch import OmniMicrobatch
 from megatron_omni.training.dpo import dpo_loss
-from megatron_omni.training.omni_step import DPO_ACCURACY, DPO_LOSS, PREFERENCE, PlannedMicrobatch, pair_logprobs, preference_loss
+from megatron_omni.data.preference_stream import PREFERENCE
+from megatron_omni.training.tasks.alignment import DPO_ACCURACY, DPO_LOSS, PlannedPair, pair_logprobs, preference_loss
 
 
 def _preference_microbatch(per_token_loss, loss_mask, segment_lengths):
@@ -26,7 +27,7 @@ def _preference_microbatch(per_token_loss, loss_mask, segment_lengths):
 
 
 def test_preference_loss_is_dpo_of_the_packed_pairs():
-    """The trainer's path (training/omni_step.py): megatron's per-token loss of a packed preference row
+    """The trainer's path (training/tasks/alignment.py): megatron's per-token loss of a packed preference row
     -> per-sample log-probs (response tokens only) -> Eq. 7, against the formula written out by hand."""
     # Row 0: chosen = tokens 0..3 (response 1..2), rejected = 4..6 (response 5..6), padding 7.
     # Row 1: chosen = tokens 0..1 (response 1), rejected = 2..7 (response 4..7).
@@ -38,13 +39,13 @@ def test_preference_loss_is_dpo_of_the_packed_pairs():
     torch.testing.assert_close(pair_logprobs(batch, per_token_loss), policy)
 
     # The reference pass only reports its log-probs.
-    _, pairs, reports = preference_loss(PlannedMicrobatch(batch), per_token_loss)
+    _, pairs, reports = preference_loss(PlannedPair(batch), per_token_loss)
     assert int(pairs) == 2
     torch.testing.assert_close(reports["ref_logps"], policy)
 
     ref = torch.tensor([[-3.5, -0.5], [-1.0, -2.5]])
     beta, scale = 0.5, 1.7
-    loss, pairs, reports = preference_loss(PlannedMicrobatch(batch, loss_scale=scale, ref_logps=ref, dpo_beta=beta),
+    loss, pairs, reports = preference_loss(PlannedPair(batch, loss_scale=scale, ref_logps=ref, dpo_beta=beta),
                                            per_token_loss)
     # Eq. 7 per pair: -log sigmoid(beta * ((pc - rc) - (pr - rr))); margins 0.5*(0.5+0.25) and 0.5*(-0.5-0.5)
     margins = [beta * ((-3.0 + 3.5) - (-0.75 + 0.5)), beta * ((-1.5 + 1.0) - (-2.0 + 2.5))]
