@@ -24,9 +24,10 @@ from megatron_omni.profiling.timers import TRAIN_STEP, StepTimers, TimedTask, or
 log = logging.getLogger("megatron_omni.train")
 
 # Keys of a metrics row kept per step for the report; the omni loop adds the per-modality
-# tokens/s and the encoders' FLOPs (the report's TFLOP/s, MFU and per-modality table need them).
-RECORD_KEYS = ("step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu",
-               "tokens_per_s_by_modality", "encoder_flops", "encoder_flops_by_modality")
+# tokens/s, the packed rows' LLM FLOPs and the encoders' FLOPs (the report's TFLOP/s, MFU and
+# per-modality table need them).
+RECORD_KEYS = ("step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "tokens_per_s_by_modality",
+               "llm_flops", "encoder_flops", "encoder_flops_by_modality")
 
 
 @dataclass

@@ -117,9 +117,11 @@ def summarize(
     mean_s = _mean(step_s)
     world = meta["world"]
     tokens_per_step = meta["global_batch_size"] * meta["seq_length"]
-    # omni steps add their encoders' FLOPs on the step's media (as the loop's metrics rows do)
+    # omni steps count their packed rows' LLM FLOPs and add their encoders' FLOPs on the step's media
+    # (as the loop's metrics rows do)
+    llm_flops = _mean([r.get("llm_flops", meta["flops_per_step"]) for r in measured])
     encoder_flops = _mean([r.get("encoder_flops", 0.0) for r in measured])
-    step_flops = meta["flops_per_step"] + encoder_flops
+    step_flops = llm_flops + encoder_flops
     tflops = step_flops / mean_s / world / 1e12
     mfu = flops.mfu(tflops, meta["device"], meta["precision"])
 
@@ -187,13 +189,13 @@ def summarize(
             "tokens_per_s_per_gpu": tokens_per_step / mean_s / world,
             "tflops_per_gpu": tflops,
             "mfu": mfu,
-            "llm_tflops_per_gpu": meta["flops_per_step"] / mean_s / world / 1e12,
+            "llm_tflops_per_gpu": llm_flops / mean_s / world / 1e12,
             "flops_per_step": step_flops,
-            "llm_flops_per_step": meta["flops_per_step"],
+            "llm_flops_per_step": llm_flops,
             "encoder_flops_per_step": encoder_flops,
             "encoder_flops_share": encoder_flops / step_flops if step_flops > 0 else 0.0,
         },
-        "modalities": _modalities(measured, meta["flops_per_step"]),
+        "modalities": _modalities(measured, llm_flops),
         "step_time_ms": {
             "mean": mean_s * 1e3, "p50": statistics.median(step_s) * 1e3, "max": max(step_s) * 1e3,
             "min": min(step_s) * 1e3,

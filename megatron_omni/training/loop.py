@@ -205,8 +205,10 @@ def pretrain(
         steps_run += 1
 
         task_row = task.step_metrics(state, result, step_time)  # collective
-        # the omni step's FLOPs add its encoders' work on this step's media
-        tflops = (step_flops + task_row.get("encoder_flops", 0.0)) / step_time / world / 1e12
+        # A task that knows its step's packed rows counts their LLM FLOPs (attention inside each sample)
+        # and its encoders' work on this step's media; otherwise every row is one unpacked sequence.
+        step_model_flops = task_row.get("llm_flops", step_flops) + task_row.get("encoder_flops", 0.0)
+        tflops = step_model_flops / step_time / world / 1e12
         row = {
             "step": state.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
             "tokens": result.tokens, "step_time_s": step_time,

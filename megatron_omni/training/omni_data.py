@@ -28,6 +28,7 @@ from megatron_omni.data.omni_batch import OmniMicrobatch
 from megatron_omni.data.omni_source import OmniSource
 from megatron_omni.data.preference_stream import PREFERENCE
 from megatron_omni.parallel.layout import unwrap
+from megatron_omni.training import flops
 from megatron_omni.training.encoder_flops import encoder_training_flops
 from megatron_omni.training.omni_step import (
     AUDIO_GEN_LOSS,
@@ -81,6 +82,7 @@ class OmniData:
         # Dynamic adaptive balance (Sec. 3.2): validation losses every train.eval_interval steps.
         self.balancer = scheduler.make_adaptive_balancer() if scheduler.cfg.adaptive.enabled else None
         self._step_encoder_flops: Dict[str, float] = {}
+        self._step_llm_flops = 0.0
         self._step_microbatches: Dict[str, int] = {}
         self._step_samples: List[Tuple[str, List[str]]] = []
 
@@ -109,6 +111,10 @@ class OmniData:
         self._step_encoder_flops = {m: 0.0 for m in self.modalities}
         for b in batches:
             self._step_encoder_flops[b.modality] += encoder_training_flops(omni, b, lora=self.cfg.lora is not None)
+        # The LLM's model FLOPs of the packed rows: attention stays inside each cu_seqlens segment
+        # (sum L_i^2, what the THD kernels compute), not the S^2 of an unpacked row.
+        self._step_llm_flops = sum(flops.llm_flops(self.cfg.model, b.cu_seqlens.diff().tolist(), tp=self.cfg.parallel.tp,
+                                                   weight_grads="llm" not in omni.freeze) for b in batches)
         self._step_microbatches = plan.counts()
         # host metadata for the loss-spike log: (modality, packed sample ids) per microbatch
         self._step_samples = [(b.modality, [i for row in b.sample_ids or [] for i in row]) for b in batches]
@@ -141,28 +147,30 @@ class OmniData:
     def _metrics(self, totals: Dict[str, torch.Tensor]) -> Dict[str, object]:
         losses = {name[len(MODALITY_LOSS_PREFIX):]: report_mean(t) for name, t in totals.items()
                   if name.startswith(MODALITY_LOSS_PREFIX) and float(t[1]) > 0}
-        skipped, by_modality, bad, encoder_flops = self._dp_sums()
+        skipped, by_modality, bad, encoder_flops, llm_flops = self._dp_sums()
         return {"losses": losses, "understanding_loss": report_mean(totals[UNDERSTANDING_LOSS]),
                 "audio_gen_loss": report_mean(totals[AUDIO_GEN_LOSS]),
                 "skipped_samples": int(skipped), "skipped_samples_by_modality": by_modality,
                 "bad_samples_by_modality": bad, "encoder_flops": sum(encoder_flops.values()),
-                "encoder_flops_by_modality": encoder_flops}
+                "encoder_flops_by_modality": encoder_flops, "llm_flops": llm_flops}
 
-    def _dp_sums(self) -> Tuple[float, Dict[str, int], Dict[str, int], Dict[str, float]]:
+    def _dp_sums(self) -> Tuple[float, Dict[str, int], Dict[str, int], Dict[str, float], float]:
         """(skipped samples, {modality: skips}, {modality: distinct bad samples}, {modality: encoder
-        FLOPs of the step}) summed over the data-parallel group in one all-reduce: every rank of a
-        DP replica (its TP, PP and CP ranks) reads the same data, so each replica counts once."""
+        FLOPs of the step}, the LLM's FLOPs of the step) summed over the data-parallel group in one
+        all-reduce: every rank of a DP replica (its TP, PP and CP ranks) reads the same data, so each
+        replica counts once."""
         ms = self.modalities
         skips = self.source.skipped_by_modality()  # occurrences
         bad = self.source.bad_samples()  # distinct samples
         n = torch.tensor([float(self.source.skipped_samples), *(float(skips.get(m, 0)) for m in ms),
-                          *(float(bad.get(m, 0)) for m in ms), *(self._step_encoder_flops.get(m, 0.0) for m in ms)],
-                         dtype=torch.float64, device=torch.cuda.current_device())
+                          *(float(bad.get(m, 0)) for m in ms), *(self._step_encoder_flops.get(m, 0.0) for m in ms),
+                          self._step_llm_flops], dtype=torch.float64, device=torch.cuda.current_device())
         dist.all_reduce(n, group=parallel_state.get_data_parallel_group())
         values = n.tolist()
         k = len(ms)
         return (values[0], {m: int(v) for m, v in zip(ms, values[1:1 + k])},
-                {m: int(v) for m, v in zip(ms, values[1 + k:1 + 2 * k])}, dict(zip(ms, values[1 + 2 * k:])))
+                {m: int(v) for m, v in zip(ms, values[1 + k:1 + 2 * k])},
+                dict(zip(ms, values[1 + 2 * k:1 + 3 * k])), values[-1])
 
     def tokens_per_modality(self) -> Dict[str, int]:
         """Tokens (rows x seq_length) each modality carried in the last step, over all DP ranks."""

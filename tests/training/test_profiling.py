@@ -149,6 +149,17 @@ def test_omni_per_modality_throughput(profiled_omni):
     row = rows[3]
     assert thr["tflops_per_gpu"] == pytest.approx(row["tflops_per_gpu"], rel=1e-6)
     assert thr["encoder_flops_per_step"] == pytest.approx(row["encoder_flops"])
+    # The LLM's FLOPs are those of the step's packed rows (attention inside each sample), below the
+    # unpacked S^2-per-row count and above its attention-free part.
+    from megatron_omni.config import load_config
+    from megatron_omni.training import flops
+
+    cfg = load_config(str(out / "config.yaml"))
+    rows_per_step = cfg.train.global_batch_size
+    unpacked = flops.llm_flops_per_step(cfg.model, rows_per_step, cfg.data.seq_length, tp=cfg.parallel.tp)
+    one_token_samples = rows_per_step * flops.llm_flops(cfg.model, [1] * cfg.data.seq_length, tp=cfg.parallel.tp)
+    assert thr["llm_flops_per_step"] == pytest.approx(row["llm_flops"])
+    assert one_token_samples < row["llm_flops"] < unpacked
     assert row["encoder_flops_by_modality"] == pytest.approx({m: mods[m]["encoder_flops_per_step"] for m in mods})
     assert thr["mfu"] is None  # CPU: no peak
     report = (out / "report.md").read_text()
