@@ -135,8 +135,13 @@ def test_bf16_generates(world):
             assert run["lengths"] == [8] * len(fp32)
             assert all(0 <= t < (vocab or 10 ** 6) for row in run["tokens"] for t in row)
             assert all(math.isfinite(lp) and lp <= 0 for row in run["logprobs"] for lp in row)
-            # the prefill's choice survives bf16 rounding (logits are peaked); later tokens may drift
-            assert [r[0] for r in run["tokens"]] == [r[0] for r in fp32], f"{layout}/{model}"
+            # the prefill's choice survives bf16 rounding unless fp32 had a near tie there (a random tiny
+            # model's logits are not always peaked): then bf16's token is about as likely as fp32's
+            fp32_lp = world[f"{layout}/{model}/greedy"]["logprobs"]
+            for b, (row, ref) in enumerate(zip(run["tokens"], fp32)):
+                if row[0] != ref[0]:
+                    assert abs(run["logprobs"][b][0] - fp32_lp[b][0]) < 0.05, (layout, model, b, row[0], ref[0])
+            assert sum(r[0] == f[0] for r, f in zip(run["tokens"], fp32)) >= len(fp32) - 1, f"{layout}/{model}"
 
 
 def test_gspo_step_tp2pp2_equals_single_rank(world, demo_data, tmp_path):

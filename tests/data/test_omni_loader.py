@@ -151,26 +151,29 @@ def test_resume_mid_epoch_with_prefetch_gives_the_identical_continuation():
 
 def test_pausing_for_a_checkpoint_keeps_the_sequence_and_decodes_nothing_again():
     """`pause_prefetch` (before megatron's checkpoint writer forks) stops the threads but keeps what
-    they built: the sequence is the uninterrupted one and no sample is built twice."""
-    builds = []
-    specs = _specs(size=40, fail=lambda i: builds.append(i) and False)
+    they built: the sequence is the uninterrupted one and no sample is built twice (the old pause
+    rewound every stream and decoded its packing buffer again)."""
+    from collections import Counter
+
     pattern = ["image", "text", "audio"]
-    with _loader(specs, prefetch=0) as a:
+    with _loader(_specs(size=200), prefetch=0) as a:
         expected = [a.next_microbatch(pattern[step % 3]) for step in range(12)]
-    builds.clear()
+    builds = Counter()
+    specs = {m: ModalitySpec([SyntheticSource(m, 200, vocab=VOCAB, seed=3, seq_length=S,
+                                              fail=lambda i, m=m: builds.update([(m, i)]) and False)],
+                             validation_size=4) for m in pattern}
     with _loader(specs, prefetch=3, decode_workers=2) as loader:
         got = [loader.next_microbatch(pattern[step % 3]) for step in range(6)]
         for m in loader.modalities:  # let the threads run ahead, then pause them
             p = loader._prefetch[m]
             while p._queue is not None and not p._queue.full():
                 time.sleep(0.01)
-        before = len(builds)
         loader.pause_prefetch()
         assert all(p._thread is None for p in loader._prefetch.values())
-        assert len(builds) == before  # nothing re-read (the old pause rebuilt the packing buffers)
         got += [loader.next_microbatch(pattern[step % 3]) for step in range(6, 12)]
     for x, y in zip(got, expected):
         _assert_same(x, y)
+    assert builds and max(builds.values()) == 1, [k for k, n in builds.items() if n > 1]
 
 
 def test_resume_rejects_a_different_data_parallel_layout():

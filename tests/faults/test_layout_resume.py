@@ -48,11 +48,13 @@ def test_dp2_run_resumes_at_tp2_dp1_with_its_balancer_state(tmp_path):
     cache = tmp_path / "cache"
     full = tmp_path / "full"
     train(2, full, COMMON, cache_dir=cache, config=CONFIG, env={"MEGATRON_OMNI_INJECT_FAULT": f"spike@step:{SPIKE}:r1"})
-    stopped = tmp_path / "stopped"
-    train(2, stopped, COMMON + ["train.exit_interval=2"], cache_dir=cache, config=CONFIG)
-    proc = train(2, stopped, COMMON + ["parallel.tp=2", f"train.load={stopped / 'checkpoints'}"], cache_dir=cache,
-                 config=CONFIG, env={"MEGATRON_OMNI_INJECT_FAULT": f"spike@step:{SPIKE}:r0"})
-    rows, again = metrics(full), metrics(stopped)
+    # The uninterrupted run's step-2 checkpoint is what a run stopped there would have written (the
+    # spike comes later, at step 3); resumed at TP2 x DP1 in a run folder of its own.
+    resumed_dir = tmp_path / "resumed"
+    proc = train(2, resumed_dir, COMMON + ["parallel.tp=2", f"train.load={full / 'checkpoints' / 'iter_0000002'}"],
+                 cache_dir=cache, config=CONFIG, env={"MEGATRON_OMNI_INJECT_FAULT": f"spike@step:{SPIKE}:r0"})
+    rows = metrics(full)
+    again = rows[:2] + metrics(resumed_dir)  # steps 1-2 are the checkpoint's
     assert [r["step"] for r in again] == [1, 2, 3, 4]
     # Steps 1-2 fill the balancer's window (H=2) and step 4 is the first whose weights move (Eq. 8-11).
     # Had the balancer state been dropped at the layout change, step 4 would still train at 1.0.
@@ -79,7 +81,7 @@ def test_dp2_run_resumes_at_tp2_dp1_with_its_balancer_state(tmp_path):
     assert sum(mb["loss"] * mb["tokens"] for mb in mbs) / sum(mb["tokens"] for mb in mbs) == \
         pytest.approx(spike["loss"], rel=1e-9)
     # resumed at TP2 x DP1: step 3 is compared with the window of steps 1-2 restored from the checkpoint
-    (resumed,) = _spikes(stopped)
+    (resumed,) = _spikes(resumed_dir)
     assert resumed["step"] == SPIKE
     assert resumed["reference"] == pytest.approx(statistics.median([again[0]["loss"], again[1]["loss"]]), rel=1e-12)
     assert [mb["dp_rank"] for mb in resumed["microbatches"]] == [0] * 16  # DP1: all 16 microbatches

@@ -65,7 +65,7 @@ def _measure(backend: str, seq_len: int) -> int:
     from megatron_omni.convert.mcore_io import megatron_world
     from megatron_omni.data.packing import packed_attention_mask
     from megatron_omni.models.llama import gpt_model_kwargs
-    from megatron_omni.models.packed_attention import thd_packed_seq_params, use_packed_attention
+    from megatron_omni.models.packed_attention import packed_attention_spec, thd_packed_seq_params
 
     cfg = dataclasses.replace(_job(backend, seq_len).model, num_layers=1, transformer_impl="local")
     lengths = [seq_len // 4, seq_len // 4, seq_len // 2]
@@ -75,7 +75,7 @@ def _measure(backend: str, seq_len: int) -> int:
     with megatron_world():
         (kwargs,) = gpt_model_kwargs(cfg, ParallelConfig(), seq_length=seq_len, params_dtype=torch.bfloat16)
         if backend != "dense":
-            use_packed_attention(kwargs["transformer_layer_spec"], backend)
+            kwargs["transformer_layer_spec"] = packed_attention_spec(kwargs["transformer_layer_spec"], backend)
         model = GPTModel(**kwargs).to(torch.bfloat16)
         model.train()
         if backend == "dense":

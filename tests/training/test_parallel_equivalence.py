@@ -56,11 +56,20 @@ def _grads(nproc, path, overrides):
     return torch.load(path)
 
 
+GRAD_COMMON = ["parallel.use_distributed_optimizer=false"]
+
+
+@pytest.fixture(scope="module")
+def grad_reference(tmp_path_factory, data_cache):
+    out = tmp_path_factory.mktemp("grad_ref")
+    return _grads(1, out / "ref.pt", [f"data.cache_dir={data_cache}", f"train.output_dir={out}", *GRAD_COMMON])
+
+
 @pytest.mark.parametrize("layout", ["tp2_pp2", "pp2_dp2_vpp2"])
-def test_gradients_match_single_rank(layout, tmp_path, data_cache):
-    common = [f"data.cache_dir={data_cache}", f"train.output_dir={tmp_path}", "parallel.use_distributed_optimizer=false"]
-    ref = _grads(1, tmp_path / "ref.pt", common)
-    got = _grads(4, tmp_path / "par.pt", common + LAYOUTS[layout])
+def test_gradients_match_single_rank(layout, grad_reference, tmp_path, data_cache):
+    ref = grad_reference
+    got = _grads(4, tmp_path / "par.pt", [f"data.cache_dir={data_cache}", f"train.output_dir={tmp_path}",
+                                          *GRAD_COMMON, *LAYOUTS[layout]])
     assert got["loss"] == pytest.approx(ref["loss"], rel=REL_TOL)
     assert set(got["grads"]) == set(ref["grads"])
     assert len(ref["grads"]) == 4 * 6 + 3  # 6 tensors per layer + embedding, final norm, output layer

@@ -36,10 +36,13 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.activations import quick_gelu
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -263,6 +266,19 @@ class PatchMergerMLP(MegatronModule):
         return x
 
 
+def encoder_process_groups() -> Optional[ProcessGroupCollection]:
+    """megatron's process groups for an encoder, but with a context-parallel group of one rank: under
+    context parallelism each CP rank encodes whole media items (its share, outputs all-gathered), so
+    the THD rotary inside the encoder's attention must not take its tokens for a CP split of a longer
+    stream.  None (megatron's defaults) without CP.  The group is this rank alone, created without
+    the other ranks (only the first pipeline stage builds encoders)."""
+    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_context_parallel_world_size() == 1:
+        return None
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    groups.cp = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+    return groups
+
+
 class NaViTEncoder(MegatronModule):
     """Native-resolution ViT (Qwen2-VL vision tower) + 2x2 merge connector on megatron-core.
 
@@ -292,7 +308,7 @@ class NaViTEncoder(MegatronModule):
             bias=False, dtype=params_dtype)
         self.decoder = TransformerBlock(
             config=config, spec=vision_layer_spec(self.kernels, self.packed_attention), post_layer_norm=False,
-            pre_process=True, post_process=False)
+            pre_process=True, post_process=False, pg_collection=encoder_process_groups())
         self.merger = PatchMergerMLP(config, cfg)
 
     def set_input_tensor(self, input_tensor) -> None:  # megatron API; the encoder is never PP-split
