@@ -124,6 +124,7 @@ def test_omni_rules_megatron_omni_enforces():
         check_layout(dataclasses.replace(job, global_batch=16), Layout(tp=8), 128)
 
 
+@pytest.mark.slow  # two full chain searches (~30 s); the chain search itself runs in test_cli_omni_json_and_chain
 def test_configured_chain_layouts_fit_every_stage():
     """The 9B / 72B stage configs carry the layout `plan.py --chain` ranks first: it fits every
     stage that takes it (the long-video stages have their own, tests/planner/test_long_video_configs.py)

@@ -59,6 +59,7 @@ def test_resume_is_bit_identical(stopped_tp1, reference, tmp_path, data_cache):
         assert resumed[step]["consumed_samples"] == reference[step]["consumed_samples"]
 
 
+@pytest.mark.slow  # the other direction (TP2xPP2 -> TP1) runs in CI, as does TP1xDP2 -> TP2 (faults/test_layout_resume)
 def test_tp1_checkpoint_loads_at_tp2_pp2(stopped_tp1, reference, tmp_path, data_cache):
     resumed = _resume(tmp_path, stopped_tp1, 4, TP2_PP2, data_cache)
     for step in (4, 5, 6):

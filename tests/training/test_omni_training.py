@@ -115,18 +115,19 @@ def test_train_and_resume_exactly(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[0]["skipped_samples"] == 0 and "audio_gen_loss" in rows[0]
     assert rows[0]["encoder_flops"] > 0 and set(rows[0]["tokens_per_s_by_modality"]) == set(rows[0]["losses"])
+    marker = "training_complete.json"  # what examples/slurm_train.sbatch requeues on
+    assert json.loads((full / marker).read_text()) == {"step": 4, "steps": 4}
+    # resumed from the uninterrupted run's step-2 checkpoint, stopped by exit_interval after step 3
     resumed = tmp_path / "resumed"
-    train(2, resumed, overrides + ["train.exit_interval=2"], cache_dir=tmp_path / "cache", config=CONFIG)
-    marker = resumed / "training_complete.json"  # what examples/slurm_train.sbatch requeues on
-    assert not marker.exists()
-    train(2, resumed, overrides + [f"train.load={resumed / 'checkpoints'}"], cache_dir=tmp_path / "cache",
-          config=CONFIG)
+    train(2, resumed, overrides + [f"train.load={full / 'checkpoints' / 'iter_0000002'}", "train.exit_interval=3"],
+          cache_dir=tmp_path / "cache", config=CONFIG)
     again = metrics(resumed)
-    assert json.loads(marker.read_text()) == {"step": 4, "steps": 4}
-    for a, b in zip(rows[2:], again[2:]):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), b["step"]
-        assert b["losses"] == pytest.approx(a["losses"], rel=1e-6), b["step"]
-        assert b["adaptive_weights"] == pytest.approx(a["adaptive_weights"], rel=1e-9), b["step"]
+    assert [r["step"] for r in again] == [3] and not (resumed / marker).exists()  # stopped early: not complete
+    assert (resumed / "checkpoints" / "iter_0000003").is_dir()  # exit_interval saves before it exits
+    a, b = rows[2], again[0]
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-6)
+    assert b["adaptive_weights"] == pytest.approx(a["adaptive_weights"], rel=1e-9)  # the balancer state resumed
     # 8 microbatches, 25% text: exactly two text microbatches per update; weights move after H=2 segments
     assert all(set(r["losses"]) >= {"text"} for r in rows)
     assert rows[0]["modality_weights"] == pytest.approx({m: 1.0 for m in rows[0]["modality_weights"]})
